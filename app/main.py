@@ -1,0 +1,47 @@
+"""The FastAPI application factory. Heavy objects are built in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from app.body_limit import BodySizeLimit
+from app.container import Services, build_services
+from app.errors import install_error_handlers
+from app.routes import health, query
+from app.settings import Settings, get_settings
+from ingestion.ledger import writer_lock
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the app. Pass `services` to reuse already-built components (tests); else the lifespan builds them."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with AsyncExitStack() as stack:
+            if services is None:
+                stack.enter_context(writer_lock(settings.data_dir))  # this process writes the data dir
+                app.state.services = await run_in_threadpool(build_services, settings, reconcile=True)
+                stack.callback(app.state.services.ledger.close)
+            else:
+                app.state.services = services
+            log.info("serving generation %s", app.state.services.generation.generation)
+            yield
+
+    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(query.router)
+    app.include_router(health.router)
+
+    def body_limit_for(path: str) -> int:
+        return settings.ingest_max_body_bytes if path == "/ingest" else settings.max_body_bytes
+
+    app.add_middleware(BodySizeLimit, limit_for=body_limit_for)
+    return app

@@ -1,0 +1,89 @@
+"""Request and response models of the HTTP API. Unknown fields are rejected everywhere."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_QUESTION_CHARS = 8000  # hard cap; the configured limit (RAG_MAX_QUESTION_CHARS) is checked in the route
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueryFilters(Strict):
+    """Equality filters; a list means any of. Filters apply to BM25 and dense retrieval alike."""
+
+    document_id: str | list[str] | None = None
+    source: str | list[str] | None = None
+    section: str | list[str] | None = None
+
+    @field_validator("document_id", "source", "section")
+    @classmethod
+    def _non_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list matches nothing; leave the filter out instead")
+        return value
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {k: ([v] if isinstance(v, str) else v) for k, v in self.model_dump(exclude_none=True).items()}
+
+
+class QueryRequest(Strict):
+    question: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    top_k: int | None = Field(None, ge=1, le=50, description="Chunks given to the generator (default from settings).")
+    filters: QueryFilters | None = None
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="Weight of the dense score in convex fusion.")
+    adapter: str | None = Field(None, min_length=1, max_length=200, description="Adapter name (default from settings).")
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("question must not be empty")
+        return value
+
+
+class Citation(BaseModel):
+    ref: int
+    chunk_id: str
+    document_id: str
+    section: str
+    source: str
+    score: float
+    text: str
+
+
+class Provenance(BaseModel):
+    index_collection: str
+    index_generation: int
+    embedding_model: str
+    generator_model: str
+    adapter: str | None
+    prompt_template_version: str
+
+
+class Timings(BaseModel):
+    retrieval: float
+    generation: float
+    total: float
+
+
+class QueryResponse(BaseModel):
+    answer: str
+    citations: list[Citation]
+    provenance: Provenance
+    timings_ms: Timings
+
+
+class Health(BaseModel):
+    status: str
+    documents: int
+    chunks: int
+    index_generation: int
+    index_collection: str
+    embedding_model: str
+    generator_model: str
+    adapter: str | None
+    refresh_running: bool = False

@@ -1,0 +1,210 @@
+"""The service's one typed settings object.
+
+Every knob comes from an environment variable prefixed ``RAG_`` (or a ``.env`` file), is validated
+when the process starts, and is passed down explicitly: domain packages receive plain values or this
+object, never read the environment themselves. Switching between the embedded default and the
+production profile (``configs/production.env``) is a matter of settings alone.
+
+List-valued settings (``RAG_API_KEYS``, ``RAG_WEBHOOK_SECRET``) are comma-separated strings.
+Fusion settings not given explicitly come from the tuning file (``RAG_RETRIEVAL_TUNING``) when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BUNDLED_EMBEDDING_MODEL = "bundled:all-MiniLM-L6-v2"
+BUNDLED_GENERATOR_MODEL = "bundled:SmolLM2-135M-Instruct"
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "xxx"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RETRIEVAL_TUNING = REPO_ROOT / "configs" / "retrieval_tuning.json"
+TUNED_FIELDS = ("fusion", "fusion_alpha", "rrf_k", "candidates")  # what a tuning file may set
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- storage -----------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Ledger, indexes, model cache and adapters live here.")
+    model_cache_dir: Path | None = Field(
+        None, description="Where converted bundled models are cached (default: <data_dir>/models)."
+    )
+    chroma_host: str | None = Field(None, description="Chroma server host; unset means embedded Chroma.")
+    chroma_port: int = Field(8000, ge=1, le=65535)
+    chroma_ssl: bool = False
+    collection_prefix: str = Field("chunks", min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$")
+
+    # --- embedding + chunking ------------------------------------------------------------------
+    embedding_model: str = BUNDLED_EMBEDDING_MODEL
+    embedding_query_prefix: str = Field("", description='e5 models use "query: ".')
+    embedding_passage_prefix: str = Field("", description='e5 models use "passage: ".')
+    embedding_batch_size: int = Field(32, ge=1, le=4096)
+    device: str = Field("cpu", description="torch device for the embedder and generator: cpu, cuda, cuda:0 ...")
+    chunk_max_tokens: int = Field(512, ge=16, le=8192)
+    chunk_overlap_tokens: int = Field(50, ge=0)
+    chunk_breakpoint_percentile: float = Field(
+        90.0, ge=0, le=100,
+        description="A new chunk starts where neighbouring-sentence distance exceeds this percentile.",
+    )
+
+    # --- retrieval -----------------------------------------------------------------------------
+    top_k: int = Field(5, ge=1, le=50)
+    candidates: int = Field(50, ge=1, le=1000, description="Candidates each retriever hands to fusion.")
+    fusion: Literal["convex", "rrf"] = "convex"
+    fusion_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the dense score in convex fusion.")
+    rrf_k: int = Field(60, ge=1)
+    bm25_language: str = "english"
+    query_cache_size: int = Field(1024, ge=0, description="Query vectors kept for repeated questions (0: off).")
+    retrieval_tuning: Path | None = Field(
+        DEFAULT_RETRIEVAL_TUNING,
+        description="JSON written by `rag eval retrieval --tune`; its fusion values apply where RAG_FUSION, "
+        "RAG_FUSION_ALPHA, RAG_RRF_K, RAG_CANDIDATES are not set. Empty or 'none' disables it.",
+    )
+
+    # --- generation ----------------------------------------------------------------------------
+    generator_model: str = BUNDLED_GENERATOR_MODEL
+    context_window: int = Field(2048, ge=256, description="Tokens the generator may see (RoPE-scaled if beyond native).")
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    adapter: str | None = Field(None, description="Adapter name in the registry, or a path to an adapter folder.")
+    adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
+    merge_adapter: bool = False
+    generation_timeout_s: float = Field(120.0, gt=0)
+    max_concurrent_generations: int = Field(1, ge=1)
+    generation_queue_size: int = Field(4, ge=0)
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: CommaList = Field(default_factory=list)
+    admin_api_keys: CommaList = Field(default_factory=list)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Body limit for /query (413 beyond it).")
+    max_question_chars: int = Field(2000, ge=1)
+
+    # --- webhook ingestion + refresh -----------------------------------------------------------
+    webhook_secret: CommaList = Field(default_factory=list, description="One or more HMAC secrets (rotation).")
+    webhook_tolerance_s: int = Field(300, ge=1)
+    ingest_max_documents: int = Field(1000, ge=1)
+    ingest_max_document_bytes: int = Field(2 * 1024 * 1024, ge=1)
+    ingest_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    idempotency_ttl_s: int = Field(24 * 3600, ge=1)
+    refresh_cron: str = Field("0 3 * * sun", description="Weekly full refresh, crontab syntax; empty disables.")
+    refresh_min_chunk_ratio: float = Field(0.8, gt=0)
+    refresh_max_chunk_ratio: float = Field(1.25, gt=0)
+    refresh_golden_queries: Path | None = None
+    refresh_golden_sample: int = Field(20, ge=0)
+    refresh_min_recall: float = Field(0.8, ge=0, le=1)
+
+    _tuned: dict[str, object] = PrivateAttr(default_factory=dict)
+
+    @field_validator("retrieval_tuning", mode="before")
+    @classmethod
+    def _empty_disables(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @field_validator("api_keys", "admin_api_keys", "webhook_secret", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("api_keys", "admin_api_keys", "webhook_secret")
+    @classmethod
+    def _no_placeholder_secrets(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item.lower() in PLACEHOLDER_SECRETS or len(item) < 16:
+                raise ValueError("placeholder or too short (use at least 16 random characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.chunk_overlap_tokens >= self.chunk_max_tokens:
+            raise ValueError(
+                f"RAG_CHUNK_OVERLAP_TOKENS ({self.chunk_overlap_tokens}) must be smaller than "
+                f"RAG_CHUNK_MAX_TOKENS ({self.chunk_max_tokens})"
+            )
+        if self.max_new_tokens >= self.context_window:
+            raise ValueError(
+                f"RAG_MAX_NEW_TOKENS ({self.max_new_tokens}) must be smaller than "
+                f"RAG_CONTEXT_WINDOW ({self.context_window})"
+            )
+        if self.refresh_min_chunk_ratio > self.refresh_max_chunk_ratio:
+            raise ValueError("RAG_REFRESH_MIN_CHUNK_RATIO must not exceed RAG_REFRESH_MAX_CHUNK_RATIO")
+        return self
+
+    @model_validator(mode="after")
+    def _apply_retrieval_tuning(self) -> "Settings":
+        """Tuned values fill the fusion settings that were not set explicitly (env, .env or arguments)."""
+        for name, value in read_retrieval_tuning(self.retrieval_tuning).items():
+            if name in self.model_fields_set:
+                continue
+            field = type(self).model_fields[name]
+            kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            try:
+                value = TypeAdapter(kind).validate_python(value)
+            except ValidationError as exc:
+                reason = "; ".join(error["msg"] for error in exc.errors())
+                raise ValueError(f"RAG_RETRIEVAL_TUNING {self.retrieval_tuning}: {name}: {reason}") from None
+            self.__dict__[name] = value  # bypasses __setattr__, so model_fields_set keeps meaning "explicit"
+            self._tuned[name] = value
+        return self
+
+    @property
+    def tuned_fields(self) -> dict[str, object]:
+        """The settings taken from the tuning file (empty when none applied)."""
+        return dict(self._tuned)
+
+    # --- derived paths -------------------------------------------------------------------------
+    @property
+    def models_path(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def adapters_path(self) -> Path:
+        return self.adapters_dir or self.data_dir / "adapters"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite3"
+
+    @property
+    def chroma_path(self) -> Path:
+        return self.data_dir / "chroma"
+
+    @property
+    def bm25_path(self) -> Path:
+        return self.data_dir / "bm25"
+
+
+def read_retrieval_tuning(path: Path | None) -> dict[str, object]:
+    """The tunable values in a tuning file ({} when there is no file); provenance keys are ignored."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"RAG_RETRIEVAL_TUNING {path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"RAG_RETRIEVAL_TUNING {path}: expected a JSON object")
+    return {name: data[name] for name in TUNED_FIELDS if name in data}
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,169 @@
+"""Load the generator: base model, RoPE position interpolation, optional bitsandbytes quantization, LoRA adapter.
+
+RoPE scaling is derived by one function, :func:`apply_rope_scaling`, used at serving and at training
+time, so an adapter trained with a context window is served with exactly the same positions. It is a
+pure function of (native context, requested window): pass the same ``context_window`` to both.
+
+transformers 5 reads RoPE settings from ``config.rope_parameters`` (``rope_type``, ``factor`` and
+``rope_theta`` together). The v4 way, ``config.rope_scaling = {"type": "linear", "factor": 2}`` or a
+``rope_scaling=`` / ``rope_parameters=`` kwarg to ``from_pretrained``, drops ``rope_theta`` and the
+model fails to build; so the whole dict is written here, ``rope_theta`` copied from the base config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Quantization = Literal["none", "4bit", "8bit"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Scalings a checkpoint may ship itself (Llama 3.1 "llama3", YaRN, ...): kept, never stacked on.
+_OWN_SCALING_MESSAGE = (
+    "{name} already uses RoPE scaling {rope_type!r} up to {native} positions; "
+    "a context window of {window} would need stacking linear interpolation on it, which is not supported"
+)
+
+
+def rope_scaling_for(native_positions: int, context_window: int) -> dict[str, Any] | None:
+    """Linear position interpolation needed to stretch ``native_positions`` to ``context_window``.
+
+    None when the window fits. LLaMA-2: 4096 -> 8192 gives ``{"rope_type": "linear", "factor": 2.0}``.
+    """
+    if native_positions <= 0 or context_window <= 0:
+        raise ValueError("positions and context window must be positive")
+    if context_window <= native_positions:
+        return None
+    return {"rope_type": "linear", "factor": context_window / native_positions}
+
+
+def native_context(config: Any) -> int:
+    """Positions the checkpoint handles before any scaling applied by :func:`apply_rope_scaling`."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    recorded = getattr(config, "original_max_position_embeddings", None)
+    if rope.get("rope_type") == "linear" and recorded:
+        return int(recorded)  # scaled by apply_rope_scaling earlier (e.g. a merged, saved model)
+    return int(config.max_position_embeddings)
+
+
+def apply_rope_scaling(config: Any, context_window: int) -> dict[str, Any] | None:
+    """Set linear RoPE interpolation on ``config`` (in place) so it serves ``context_window`` positions.
+
+    Returns the scaling written (None when the window fits the native positions). When scaling:
+    ``rope_parameters`` becomes ``{"rope_type": "linear", "factor": window / native, "rope_theta": ...}``,
+    ``max_position_embeddings`` becomes ``context_window`` and the native length is recorded as
+    ``original_max_position_embeddings`` so a saved, scaled config is recognised on reload.
+    """
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if not rope or "rope_theta" not in rope:
+        raise ValueError(f"{type(config).__name__} has no flat rope_parameters; RoPE scaling unsupported")
+    rope_type = rope.get("rope_type", "default")
+    native = native_context(config)
+    ours = rope_type == "linear" and getattr(config, "original_max_position_embeddings", None)
+    if rope_type != "default" and not ours:
+        if context_window > native:
+            raise ValueError(
+                _OWN_SCALING_MESSAGE.format(
+                    name=type(config).__name__, rope_type=rope_type, native=native, window=context_window
+                )
+            )
+        return None
+
+    scaling = rope_scaling_for(native, context_window)
+    base = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:
+        base["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if scaling is None:
+        if ours:  # an earlier scaling is undone: the result depends on (native, window) only
+            config.rope_parameters = base
+            config.max_position_embeddings = native
+            del config.original_max_position_embeddings
+        return None
+    config.rope_parameters = {**base, **scaling}
+    config.max_position_embeddings = context_window
+    config.original_max_position_embeddings = native
+    config.validate_rope()
+    return dict(scaling)
+
+
+@dataclass
+class LoadedGenerator:
+    model: Any
+    tokenizer: Any
+    model_name: str
+    native_context: int
+    context_window: int
+    rope_scaling: dict[str, Any] | None
+    quantization: str
+    adapter_path: str | None
+
+
+def bnb_config(quantization: Quantization, device: str) -> Any:
+    """bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r}; expected 'none', '4bit' or '8bit'")
+
+
+def load_generator(
+    model_name_or_path: str,
+    *,
+    context_window: int,
+    quantization: Quantization = "none",
+    torch_dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    adapter_path: str | None = None,
+    merge_adapter: bool = False,
+) -> LoadedGenerator:
+    """Load tokenizer and causal LM, RoPE-scaled to ``context_window``, in eval mode.
+
+    ``model_name_or_path`` is a folder or hub id (resolve ``bundled:`` names first with
+    :func:`generation.bundled.resolve_generator_model`). Merging an adapter into a 4/8-bit model
+    re-quantizes the merged weights, which is lossy.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    native = native_context(config)
+    scaling = apply_rope_scaling(config, context_window)
+
+    kwargs: dict[str, Any] = {"config": config}
+    dtype = _DTYPES[torch_dtype] if isinstance(torch_dtype, str) and torch_dtype != "auto" else torch_dtype
+    kwargs["dtype"] = dtype  # transformers 5 name; torch_dtype= is deprecated there
+    if quantization != "none":
+        kwargs["quantization_config"] = bnb_config(quantization, device)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.eval()
+    return LoadedGenerator(
+        model=model,
+        tokenizer=tokenizer,
+        model_name=model_name_or_path,
+        native_context=native,
+        context_window=context_window,
+        rope_scaling=scaling,
+        quantization=quantization,
+        adapter_path=adapter_path,
+    )

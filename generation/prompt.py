@@ -1,0 +1,239 @@
+"""The one prompt code for serving and fine-tuning: instructions, numbered context, token-budget packing.
+
+A prompt is a system message (the instructions) and a user message::
+
+    Context:
+    [1] <best chunk>
+    [2] <next chunk>
+    Question: <question>
+
+rendered through the tokenizer's chat template with the generation prompt appended (plain text with a
+trailing ``Answer:`` when the tokenizer has no template). The model answers ``"<short answer> [n]"``
+(:func:`format_answer`), or exactly :data:`ABSTAIN_ANSWER` when the context does not hold the answer.
+
+Packing policy: chunks are taken best-first; a chunk that would overflow the budget is skipped and the
+next (lower-ranked) one is tried, so one long chunk never starves the prompt. Included chunks are
+renumbered [1], [2], ... in rank order; ``PackedPrompt.chunks[i]`` is the chunk cited as ``[i+1]``.
+The budget (context window minus new tokens) is checked on the exact token ids of the rendered prompt.
+Chunk text is put on one line (whitespace collapsed) and citation-shaped markers in it ("[3]") become
+"(3)", so the only bracketed numbers the model sees are the context numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PROMPT_TEMPLATE_VERSION = "rag-v1"
+ABSTAIN_ANSWER = "I don't know."
+
+SYSTEM_PROMPT = (
+    "Answer the question using only the numbered context passages. "
+    "Reply with a short answer, copied from the context when possible, "
+    "followed by the number of the passage it comes from, like [1]. "
+    f"If the context does not contain the answer, reply exactly: {ABSTAIN_ANSWER}"
+)
+CONTEXT_HEADER = "Context:\n"
+QUESTION_PREFIX = "Question: "
+PLAIN_ANSWER_PREFIX = "\nAnswer:"  # plain-text prompts only; the chat template marks the answer turn itself
+
+CITATION_RE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")  # [2] or [1, 3]
+# End-of-turn tokens of common chat templates; ids found in the vocabulary also stop generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+_ABSTAIN_PREFIXES = ("i dont know", "i do not know")
+
+
+@dataclass
+class ContextChunk:
+    text: str
+    chunk_id: str = ""
+    document_id: str = ""
+    section: str = ""
+    source: str = ""
+    score: float = 0.0
+
+
+@dataclass
+class PackedPrompt:
+    text: str  # rendered prompt, generation prompt included; input_ids tokenize exactly this
+    input_ids: list[int]
+    chunks: list[ContextChunk]  # included chunks in order: chunks[i] is cited as [i+1]
+    n_tokens: int  # == len(input_ids) <= budget
+    budget: int  # context_window - max_new_tokens
+
+
+def format_answer(answer: str, ref: int | None) -> str:
+    """The target the model learns: ``"<span> [ref]"``; ``ABSTAIN_ANSWER`` when ``ref`` is None."""
+    if ref is None:
+        return ABSTAIN_ANSWER
+    return f"{answer.strip()} [{ref}]"
+
+
+def is_abstention(text: str) -> bool:
+    """True when the model declined to answer (``I don't know.``, any case/punctuation) or said nothing."""
+    normalized = CITATION_RE.sub(" ", text).lower().replace("\u2019", "'").replace("'", "")
+    normalized = " ".join(re.sub(r"[^a-z0-9 ]", " ", normalized).split())
+    return not normalized or normalized.startswith(_ABSTAIN_PREFIXES)
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Token ids that end an answer: EOS, the generation config's EOS ids, and known end-of-turn tokens."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for token_id in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(token_id, int) and token_id >= 0 and token_id not in ids:
+                ids.append(token_id)
+
+    add(tokenizer.eos_token_id)
+    if generation_config is not None:
+        add(getattr(generation_config, "eos_token_id", None))
+    if getattr(tokenizer, "chat_template", None):
+        vocab = tokenizer.get_vocab()
+        for token in END_OF_TURN_TOKENS:
+            if token in vocab:
+                add(vocab[token])
+    return ids
+
+
+def pack_prompt(
+    tokenizer: Any,
+    question: str,
+    chunks: Sequence[ContextChunk],
+    *,
+    context_window: int,
+    max_new_tokens: int,
+) -> PackedPrompt:
+    """Fit the question and as many best-first chunks as the token budget allows (see module doc).
+
+    Raises ValueError when the instructions and question alone exceed ``context_window - max_new_tokens``.
+    """
+    budget = context_window - max_new_tokens
+    question = " ".join(question.split())
+    if budget <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt budget in a {context_window} window")
+    if not question:
+        raise ValueError("empty question")
+
+    base_ids = _render(tokenizer, question, [])[1]
+    if len(base_ids) > budget:
+        raise ValueError(
+            f"the question and instructions take {len(base_ids)} tokens, over the budget of {budget} "
+            f"(context window {context_window} - {max_new_tokens} new tokens)"
+        )
+
+    # Greedy selection on per-chunk token counts: each "[n] text\n" line is tokenized once, on its own.
+    # Sums of those counts match the rendered prompt for byte-level BPE tokenizers (each line starts
+    # after a single "\n"); the exact check below guards every other tokenizer.
+    selected: list[ContextChunk] = []
+    texts: list[str] = []
+    estimate = len(base_ids)
+    for chunk in chunks:
+        text = _clean_chunk_text(chunk.text)
+        if not text:
+            continue
+        cost = _n_tokens(tokenizer, _context_line(len(selected) + 1, text))
+        if estimate + cost <= budget:
+            selected.append(chunk)
+            texts.append(text)
+            estimate += cost
+
+    while True:
+        prompt_text, ids = _render(tokenizer, question, texts)
+        if len(ids) <= budget:
+            break
+        selected.pop()  # estimate was short: drop the lowest-ranked included chunk
+        texts.pop()
+    return PackedPrompt(text=prompt_text, input_ids=ids, chunks=selected, n_tokens=len(ids), budget=budget)
+
+
+def build_training_text(tokenizer: Any, packed: PackedPrompt, answer: str) -> tuple[list[int], list[int]]:
+    """Supervised fine-tuning pair: ``input_ids`` = prompt + answer + end of turn; ``labels`` = -100 on the prompt.
+
+    ``answer`` is the completion to learn, normally :func:`format_answer`'s output. The prompt part is
+    ``packed.input_ids`` unchanged, exactly what the model sees at serving time.
+    """
+    prompt_ids = list(packed.input_ids)
+    stops = set(stop_token_ids(tokenizer))
+    if _has_template(tokenizer):
+        # What the template puts after the generation prompt does not depend on the user turn.
+        messages = _messages("x")
+        prompt_text = _apply_template(tokenizer, messages, True)
+        full_text = _apply_template(tokenizer, messages + [{"role": "assistant", "content": answer}], False)
+        if full_text.startswith(prompt_text):
+            completion = full_text[len(prompt_text):]
+        else:  # template rewrites earlier turns: fall back to answer + end of turn
+            completion = answer
+        completion_ids = _continuation_ids(tokenizer, packed.text, prompt_ids, completion, False)
+        cut = next((i for i, t in enumerate(completion_ids) if t in stops), None)
+        if cut is not None:
+            completion_ids = completion_ids[: cut + 1]  # drop what follows the end-of-turn token
+        else:
+            completion_ids.append(tokenizer.eos_token_id)
+    else:
+        completion_ids = _continuation_ids(tokenizer, packed.text, prompt_ids, " " + answer.strip(), True)
+        completion_ids.append(tokenizer.eos_token_id)
+    input_ids = prompt_ids + completion_ids
+    labels = [-100] * len(prompt_ids) + completion_ids
+    return input_ids, labels
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+def _context_line(number: int, text: str) -> str:
+    return f"[{number}] {text}\n"
+
+
+def _clean_chunk_text(text: str) -> str:
+    """One line per chunk; citation-shaped markers in the source ("[3]") become "(3)" so they never
+    read as citations of the numbered context."""
+    return CITATION_RE.sub(r"(\1)", " ".join(text.split()))
+
+
+def _user_message(question: str, texts: Sequence[str]) -> str:
+    lines = "".join(_context_line(i + 1, text) for i, text in enumerate(texts))
+    return f"{CONTEXT_HEADER}{lines}{QUESTION_PREFIX}{question}"
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _messages(user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception:  # templates without a system role (Gemma, Mistral): instructions lead the user turn
+        merged = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+        merged += messages[2:]
+        return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _render(tokenizer: Any, question: str, texts: Sequence[str]) -> tuple[str, list[int]]:
+    """Full prompt text and its token ids (special tokens come from the template, not added twice)."""
+    user = _user_message(question, texts)
+    if _has_template(tokenizer):
+        text = _apply_template(tokenizer, _messages(user), True)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = f"{SYSTEM_PROMPT}\n\n{user}{PLAIN_ANSWER_PREFIX}"
+    return text, tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _n_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _continuation_ids(
+    tokenizer: Any, prompt_text: str, prompt_ids: list[int], completion: str, add_special: bool
+) -> list[int]:
+    """Ids of ``completion`` as tokenized after the prompt (falls back to tokenizing it alone)."""
+    full = tokenizer(prompt_text + completion, add_special_tokens=add_special)["input_ids"]
+    if full[: len(prompt_ids)] == prompt_ids:
+        return list(full[len(prompt_ids):])
+    return list(tokenizer(completion, add_special_tokens=False)["input_ids"])

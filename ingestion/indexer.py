@@ -1,0 +1,176 @@
+"""Apply document adds, changes and deletes to one index generation: ledger, Chroma and BM25 together.
+
+Order of writes, chosen so that a crash at any point leaves a state ``reconcile`` repairs exactly:
+1. new chunks' vectors are upserted into Chroma (ids are deterministic, so a retry rewrites the same rows);
+2. one ledger transaction records the documents and swaps their chunk rows (new rows in, old rows out);
+3. the old chunks' vectors are deleted from Chroma;
+4. the BM25 index is rebuilt from the ledger and switched in atomically.
+A changed document's new chunks are therefore searchable before its old ones disappear.
+``reconcile`` makes Chroma and BM25 hold exactly the ledger's chunk ids (deleting orphans, embedding
+what is missing, rebuilding BM25), and is run at start-up and after any interrupted job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ingestion.documents import Chunk, Document
+from ingestion.ledger import GenerationRow, Ledger
+from retrieval.bm25 import BM25Index
+from retrieval.dense import DenseIndex
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (documents done, documents total)
+
+
+@dataclass
+class IngestCounts:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    chunks_written: int = 0
+    chunks_removed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def add(self, other: "IngestCounts") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class Indexer:
+    """Writes one generation. Build with the generation's Chroma collection and BM25 folder."""
+
+    ledger: Ledger
+    generation: GenerationRow
+    dense: DenseIndex
+    bm25_root: Path
+    chunker: object  # ingestion.chunker.SemanticChunker (anything with .chunk(Document) -> list[Chunk])
+    embedder: object  # ingestion.embedder.Embedder
+    bm25_language: str = "english"
+    batch_documents: int = 64
+    on_bm25_rebuilt: Callable[[BM25Index], None] | None = field(default=None, repr=False)
+
+    def apply(self, documents: Sequence[Document], deletes: Sequence[str] = (), *,
+              progress: Progress | None = None, rebuild_bm25: bool = True) -> IngestCounts:
+        """Upsert `documents`, then delete `deletes` (a delete after an add of the same id wins)."""
+        counts = IngestCounts()
+        total = len(documents) + len(deletes)
+        for start in range(0, len(documents), self.batch_documents):
+            counts.add(self._apply_batch(documents[start:start + self.batch_documents]))
+            if progress:
+                progress(min(start + self.batch_documents, len(documents)), total)
+        if deletes:
+            counts.add(self._delete(deletes))
+            if progress:
+                progress(total, total)
+        if rebuild_bm25 and (counts.chunks_written or counts.chunks_removed or self._bm25_missing()):
+            self.rebuild_bm25()
+        return counts
+
+    def _apply_batch(self, documents: Sequence[Document]) -> IngestCounts:
+        counts = IngestCounts()
+        gen = self.generation.generation
+        planned: list[tuple[Document, list[Chunk], list[str]]] = []  # (doc, its chunks, old chunk ids)
+        for document in documents:
+            row = self.ledger.get_document(document.document_id)
+            old_ids = self.ledger.document_chunk_ids(gen, document.document_id)
+            if row and row.state == "live" and row.content_hash == document.content_hash and old_ids:
+                counts.unchanged += 1
+                continue
+            if row and row.state == "live":
+                counts.updated += 1
+            else:
+                counts.added += 1
+            planned.append((document, self.chunker.chunk(document), old_ids))
+        if not planned:
+            return counts
+
+        existing = {cid for _, _, old in planned for cid in old}
+        fresh = [c for _, chunks, _ in planned for c in chunks if c.chunk_id not in existing]
+        if fresh:
+            vectors = self.embedder.embed_passages([c.text for c in fresh])
+            self.dense.upsert([c.chunk_id for c in fresh], vectors, [c.metadata() for c in fresh])
+
+        removed: list[str] = []
+        with self.ledger.transaction() as db:
+            for document, chunks, old_ids in planned:
+                self.ledger.upsert_document(db, document)
+                self.ledger.insert_chunks(db, gen, chunks)
+                keep = {c.chunk_id for c in chunks}
+                gone = [cid for cid in old_ids if cid not in keep]
+                self.ledger.delete_chunks(db, gen, gone)
+                removed.extend(gone)
+        self.dense.delete(removed)
+        counts.chunks_written += len(fresh)
+        counts.chunks_removed += len(removed)
+        return counts
+
+    def _delete(self, document_ids: Sequence[str]) -> IngestCounts:
+        counts = IngestCounts()
+        gen = self.generation.generation
+        removed: list[str] = []
+        with self.ledger.transaction() as db:
+            for document_id in dict.fromkeys(document_ids):
+                if self.ledger.mark_deleted(db, document_id):
+                    counts.deleted += 1
+                old_ids = [r[0] for r in db.execute(
+                    "SELECT chunk_id FROM chunks WHERE generation = ? AND document_id = ?", (gen, document_id))]
+                self.ledger.delete_chunks(db, gen, old_ids)
+                removed.extend(old_ids)
+        self.dense.delete(removed)
+        counts.chunks_removed += len(removed)
+        return counts
+
+    # --- derived indexes -----------------------------------------------------------------------
+    def _bm25_missing(self) -> bool:
+        return not (self.bm25_root / "CURRENT").exists()
+
+    def rebuild_bm25(self, *, show_progress: bool = False) -> BM25Index:
+        """Rebuild BM25 from the ledger's chunks of this generation and switch it in atomically."""
+        ids, texts, document_ids, sources, sections = [], [], [], [], []
+        for chunk in self.ledger.iter_chunks(self.generation.generation):
+            ids.append(chunk.chunk_id)
+            texts.append(bm25_text(chunk))
+            document_ids.append(chunk.document_id)
+            sources.append(chunk.source)
+            sections.append(chunk.section)
+        index = BM25Index.build(ids, texts, {"document_id": document_ids, "source": sources, "section": sections},
+                                language=self.bm25_language, show_progress=show_progress)
+        index.save(self.bm25_root)
+        if self.on_bm25_rebuilt:
+            self.on_bm25_rebuilt(index)
+        return index
+
+    def reconcile(self) -> dict[str, int]:
+        """Make Chroma and BM25 hold exactly the ledger's chunk ids for this generation."""
+        gen = self.generation.generation
+        wanted = self.ledger.chunk_ids(gen)
+        present = set(self.dense.iter_ids())
+        orphans = sorted(present - wanted)
+        missing = sorted(wanted - present)
+        self.dense.delete(orphans)
+        for start in range(0, len(missing), 256):
+            chunks = list(self.ledger.get_chunks(gen, missing[start:start + 256]).values())
+            vectors = self.embedder.embed_passages([c.text for c in chunks])
+            self.dense.upsert([c.chunk_id for c in chunks], vectors, [c.metadata() for c in chunks])
+        bm25 = BM25Index.load(self.bm25_root, language=self.bm25_language)
+        rebuilt = bm25 is None or set(bm25.ids.tolist()) != wanted
+        if rebuilt:
+            self.rebuild_bm25()
+        report = {"orphans_removed": len(orphans), "missing_embedded": len(missing), "bm25_rebuilt": int(rebuilt)}
+        if orphans or missing or rebuilt:
+            log.info("reconciled generation %s: %s", gen, report)
+        return report
+
+
+def bm25_text(chunk: Chunk) -> str:
+    """What BM25 indexes for a chunk: its section heading path and its text."""
+    return f"{chunk.section}\n{chunk.text}" if chunk.section else chunk.text

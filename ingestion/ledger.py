@@ -1,0 +1,341 @@
+"""The ledger: SQLite source of truth for documents, chunks, index generations, jobs and idempotency keys.
+
+Every index (Chroma collection, BM25 index) is derived from the ledger and can be rebuilt from it.
+Invariants:
+- a document row holds its raw text and metadata, content hash, version and state (live/deleted);
+- the chunks of generation G are exactly the rows of ``chunks`` with ``generation = G``; the Chroma
+  collection and BM25 index of G are reconciled to that set (see ``ingestion.indexer``);
+- exactly one generation is live: the ``live_generation`` row of ``meta``, switched in one transaction.
+
+One process writes a data directory (``writer_lock``); SQLite runs in WAL mode so readers never block.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingestion.documents import Chunk, Document, utc_now_iso
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    document_id   TEXT PRIMARY KEY,
+    title         TEXT NOT NULL,
+    text          TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    metadata_json TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    content_hash  TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('live', 'deleted')),
+    updated_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    generation        INTEGER NOT NULL,
+    chunk_id          TEXT NOT NULL,
+    document_id       TEXT NOT NULL,
+    chunk_index       INTEGER NOT NULL,
+    section           TEXT NOT NULL,
+    text              TEXT NOT NULL,
+    chunk_size_tokens INTEGER NOT NULL,
+    created_at        TEXT NOT NULL,
+    source            TEXT NOT NULL,
+    content_hash      TEXT NOT NULL,
+    PRIMARY KEY (generation, chunk_id)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (generation, document_id);
+CREATE TABLE IF NOT EXISTS generations (
+    generation      INTEGER PRIMARY KEY,
+    collection      TEXT NOT NULL,
+    embedding_model TEXT NOT NULL,
+    dimension       INTEGER NOT NULL,
+    config_json     TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('building', 'live', 'previous', 'failed', 'dropped')),
+    created_at      TEXT NOT NULL,
+    switched_at     TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
+    payload_json TEXT NOT NULL,
+    progress_json TEXT NOT NULL DEFAULT '{}',
+    counts_json TEXT NOT NULL DEFAULT '{}',
+    error       TEXT,
+    created_at  TEXT NOT NULL,
+    started_at  TEXT,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key           TEXT PRIMARY KEY,
+    body_hash     TEXT NOT NULL,
+    response_json TEXT NOT NULL,
+    created_at    REAL NOT NULL
+);
+"""
+
+
+class DataDirLocked(RuntimeError):
+    """Another process already writes this data directory."""
+
+
+@contextmanager
+def writer_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the data directory's single-writer lock for the duration of the block (fails fast)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / ".writer.lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise DataDirLocked(
+            f"data directory {data_dir} is already open for writing by {holder}; "
+            "stop it, or send the work to the running service (POST /ingest, rag refresh)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+@dataclass(frozen=True)
+class DocumentRow:
+    document: Document
+    content_hash: str
+    version: int
+    state: str
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    generation: int
+    collection: str
+    embedding_model: str
+    dimension: int
+    config: dict
+    state: str
+    created_at: str
+
+
+class Ledger:
+    """Thread-safe handle on the ledger database (one connection, serialized by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: everything inside commits together or not at all."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- meta / generations ----------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                   (key, value))
+
+    def live_generation(self) -> GenerationRow | None:
+        value = self.get_meta("live_generation")
+        return self.generation(int(value)) if value is not None else None
+
+    def generation(self, generation: int) -> GenerationRow | None:
+        rows = self._query("SELECT * FROM generations WHERE generation = ?", (generation,))
+        return _generation_row(rows[0]) if rows else None
+
+    def generations(self) -> list[GenerationRow]:
+        return [_generation_row(r) for r in self._query("SELECT * FROM generations ORDER BY generation")]
+
+    def create_generation(self, collection_prefix: str, embedding_model: str, dimension: int, config: dict) -> GenerationRow:
+        with self.transaction() as db:
+            (last,) = db.execute("SELECT COALESCE(MAX(generation), 0) FROM generations").fetchone()
+            generation = last + 1
+            db.execute(
+                "INSERT INTO generations VALUES (?, ?, ?, ?, ?, 'building', ?, NULL)",
+                (generation, f"{collection_prefix}_g{generation}", embedding_model, dimension,
+                 json.dumps(config, sort_keys=True), utc_now_iso()),
+            )
+        row = self.generation(generation)
+        assert row is not None
+        return row
+
+    def set_generation_state(self, generation: int, state: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE generations SET state = ? WHERE generation = ?", (state, generation))
+
+    def switch_live(self, generation: int) -> int | None:
+        """Make `generation` live in one transaction; the old live one becomes 'previous'. Returns it."""
+        with self.transaction() as db:
+            old = db.execute("SELECT value FROM meta WHERE key = 'live_generation'").fetchone()
+            old_generation = int(old["value"]) if old else None
+            db.execute("UPDATE generations SET state = 'dropped' WHERE state = 'previous'")
+            if old_generation is not None and old_generation != generation:
+                db.execute("UPDATE generations SET state = 'previous' WHERE generation = ?", (old_generation,))
+            db.execute("UPDATE generations SET state = 'live', switched_at = ? WHERE generation = ?",
+                       (utc_now_iso(), generation))
+            self.set_meta(db, "live_generation", str(generation))
+        return old_generation
+
+    def drop_generation_chunks(self, generation: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM chunks WHERE generation = ?", (generation,))
+
+    # --- documents ---------------------------------------------------------------------------
+    def get_document(self, document_id: str) -> DocumentRow | None:
+        rows = self._query("SELECT * FROM documents WHERE document_id = ?", (document_id,))
+        return _document_row(rows[0]) if rows else None
+
+    def live_documents(self, batch_size: int = 1000) -> Iterator[Document]:
+        """All live documents in id order, read in batches (constant memory)."""
+        last = ""
+        while True:
+            rows = self._query(
+                "SELECT * FROM documents WHERE state = 'live' AND document_id > ? ORDER BY document_id LIMIT ?",
+                (last, batch_size),
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield _document_row(row).document
+            last = rows[-1]["document_id"]
+
+    def count_documents(self, state: str = "live") -> int:
+        return self._query("SELECT COUNT(*) AS n FROM documents WHERE state = ?", (state,))[0]["n"]
+
+    def upsert_document(self, db: sqlite3.Connection, document: Document) -> int:
+        """Store the document as live, bumping its version; returns the new version."""
+        row = db.execute("SELECT version FROM documents WHERE document_id = ?", (document.document_id,)).fetchone()
+        version = (row["version"] + 1) if row else 1
+        db.execute(
+            """INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'live', ?)
+               ON CONFLICT(document_id) DO UPDATE SET title = excluded.title, text = excluded.text,
+                 source = excluded.source, metadata_json = excluded.metadata_json,
+                 created_at = excluded.created_at, content_hash = excluded.content_hash,
+                 version = excluded.version, state = 'live', updated_at = excluded.updated_at""",
+            (document.document_id, document.title, document.text, document.source,
+             json.dumps(document.metadata, sort_keys=True), document.created_at, document.content_hash,
+             version, utc_now_iso()),
+        )
+        return version
+
+    def mark_deleted(self, db: sqlite3.Connection, document_id: str) -> bool:
+        cursor = db.execute(
+            "UPDATE documents SET state = 'deleted', version = version + 1, updated_at = ? "
+            "WHERE document_id = ? AND state = 'live'",
+            (utc_now_iso(), document_id),
+        )
+        return cursor.rowcount > 0
+
+    # --- chunks --------------------------------------------------------------------------------
+    def insert_chunks(self, db: sqlite3.Connection, generation: int, chunks: Iterable[Chunk]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(generation, c.chunk_id, c.document_id, c.chunk_index, c.section, c.text, c.chunk_size_tokens,
+              c.created_at, c.source, c.content_hash) for c in chunks],
+        )
+
+    def delete_chunks(self, db: sqlite3.Connection, generation: int, chunk_ids: Iterable[str]) -> None:
+        db.executemany("DELETE FROM chunks WHERE generation = ? AND chunk_id = ?",
+                       [(generation, cid) for cid in chunk_ids])
+
+    def document_chunk_ids(self, generation: int, document_id: str) -> list[str]:
+        rows = self._query(
+            "SELECT chunk_id FROM chunks WHERE generation = ? AND document_id = ? ORDER BY chunk_index",
+            (generation, document_id),
+        )
+        return [r["chunk_id"] for r in rows]
+
+    def chunk_ids(self, generation: int) -> set[str]:
+        return {r["chunk_id"] for r in self._query("SELECT chunk_id FROM chunks WHERE generation = ?", (generation,))}
+
+    def count_chunks(self, generation: int) -> int:
+        return self._query("SELECT COUNT(*) AS n FROM chunks WHERE generation = ?", (generation,))[0]["n"]
+
+    def get_chunks(self, generation: int, chunk_ids: Sequence[str]) -> dict[str, Chunk]:
+        """Chunks by id (ids missing from the generation are simply absent from the result)."""
+        found: dict[str, Chunk] = {}
+        for start in range(0, len(chunk_ids), 500):
+            part = list(chunk_ids[start:start + 500])
+            marks = ",".join("?" * len(part))
+            for row in self._query(
+                f"SELECT * FROM chunks WHERE generation = ? AND chunk_id IN ({marks})", (generation, *part)
+            ):
+                found[row["chunk_id"]] = _chunk(row)
+        return found
+
+    def iter_chunks(self, generation: int, batch_size: int = 5000) -> Iterator[Chunk]:
+        """Every chunk of a generation in chunk-id order, read in batches."""
+        last = ""
+        while True:
+            rows = self._query(
+                "SELECT * FROM chunks WHERE generation = ? AND chunk_id > ? ORDER BY chunk_id LIMIT ?",
+                (generation, last, batch_size),
+            )
+            if not rows:
+                return
+            yield from (_chunk(r) for r in rows)
+            last = rows[-1]["chunk_id"]
+
+
+def _chunk(row: sqlite3.Row) -> Chunk:
+    return Chunk(
+        chunk_id=row["chunk_id"], document_id=row["document_id"], text=row["text"], section=row["section"],
+        chunk_index=row["chunk_index"], chunk_size_tokens=row["chunk_size_tokens"],
+        created_at=row["created_at"], source=row["source"], content_hash=row["content_hash"],
+    )
+
+
+def _document_row(row: sqlite3.Row) -> DocumentRow:
+    document = Document(
+        document_id=row["document_id"], text=row["text"], title=row["title"], source=row["source"],
+        metadata=json.loads(row["metadata_json"]), created_at=row["created_at"],
+    )
+    return DocumentRow(document=document, content_hash=row["content_hash"], version=row["version"], state=row["state"])
+
+
+def _generation_row(row: sqlite3.Row) -> GenerationRow:
+    return GenerationRow(
+        generation=row["generation"], collection=row["collection"], embedding_model=row["embedding_model"],
+        dimension=row["dimension"], config=json.loads(row["config_json"]), state=row["state"],
+        created_at=row["created_at"],
+    )

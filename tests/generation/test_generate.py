@@ -1,0 +1,74 @@
+"""Answer generation: greedy and deterministic, bounded by tokens and time, past the native context."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from generation.generate import cited_refs, generate_answer, strip_citations
+from generation.loading import load_generator
+from generation.prompt import ContextChunk, pack_prompt
+from tests.generation.conftest import NATIVE
+from tests.generation.test_prompt import random_chunks
+
+
+@pytest.fixture(scope="module")
+def scaled(tiny_model_dir):
+    return load_generator(str(tiny_model_dir), context_window=2 * NATIVE)
+
+
+def test_cited_refs_and_strip_citations() -> None:
+    assert cited_refs("Gustave Eiffel [2]", 3) == [2]
+    assert cited_refs("a [3] b [1, 2] c [3] [9] [0]", 3) == [3, 1, 2]
+    assert cited_refs("no citations", 3) == []
+    assert strip_citations("Gustave  Eiffel [2] [1, 3]") == "Gustave Eiffel"
+
+
+def test_greedy_generation_is_deterministic_and_bounded(scaled) -> None:
+    packed = pack_prompt(scaled.tokenizer, "Who built it?", [ContextChunk("Eiffel built it.")],
+                         context_window=scaled.context_window, max_new_tokens=8)
+    first = generate_answer(scaled, packed, max_new_tokens=8)
+    second = generate_answer(scaled, packed, max_new_tokens=8)
+    # the checkpoint's generation_config asks for sampling (temperature 0.6); answers stay greedy
+    assert first.text == second.text and first.text
+    assert first.n_new_tokens == 8 and first.finish_reason == "length"
+    assert first.n_prompt_tokens == packed.n_tokens
+
+
+def test_prompt_beyond_native_context_packs_and_generates(scaled) -> None:
+    chunks = random_chunks(random.Random(5), 120, 120)
+    packed = pack_prompt(scaled.tokenizer, "Who built the tower?", chunks,
+                         context_window=scaled.context_window, max_new_tokens=4)
+    assert NATIVE < 0.9 * scaled.context_window < packed.n_tokens <= scaled.context_window - 4
+    result = generate_answer(scaled, packed, max_new_tokens=4)
+    assert result.n_new_tokens == 4 and result.n_prompt_tokens == packed.n_tokens
+
+
+def test_stops_at_end_of_turn(tiny_model_dir) -> None:
+    loaded = load_generator(str(tiny_model_dir), context_window=NATIVE)
+    end_of_turn = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head = loaded.model.lm_head
+    forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)  # end of turn always wins
+    with torch.no_grad():
+        forced.weight.copy_(head.weight)
+        forced.bias.zero_()
+        forced.bias[end_of_turn] = 1e4
+    loaded.model.lm_head = forced
+    packed = pack_prompt(loaded.tokenizer, "Anything?", [], context_window=NATIVE, max_new_tokens=16)
+    result = generate_answer(loaded, packed, max_new_tokens=16)
+    assert result.finish_reason == "stop" and result.n_new_tokens == 1 and result.text == ""
+
+
+def test_timeout_returns_partial_answer(scaled) -> None:
+    packed = pack_prompt(scaled.tokenizer, "Go on.", [], context_window=scaled.context_window, max_new_tokens=2000)
+    result = generate_answer(scaled, packed, max_new_tokens=2000, timeout_s=0.3)
+    assert result.finish_reason == "timeout"
+    assert 0 < result.n_new_tokens < 2000 and result.elapsed_s < 10
+
+
+def test_prompt_plus_new_tokens_must_fit_the_window(scaled) -> None:
+    packed = pack_prompt(scaled.tokenizer, "Q?", [], context_window=scaled.context_window, max_new_tokens=8)
+    with pytest.raises(ValueError, match="context window"):
+        generate_answer(scaled, packed, max_new_tokens=scaled.context_window)

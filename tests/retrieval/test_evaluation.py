@@ -1,0 +1,124 @@
+"""Retrieval evaluation: metrics against an oracle, BEIR parsing, an end-to-end run with tuning, SQuAD recall."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from app.settings import Settings
+from ingestion.documents import Chunk
+from retrieval.chunking_eval import Question, answer_recall, chunk_body, squad_articles
+from retrieval.evaluation import evaluate, load_qrels, load_queries, score_rankings
+from retrieval.hybrid import Hit
+
+DOCS = {
+    "d1": ("Photosynthesis in plants", "Chlorophyll in leaves absorbs sunlight. Plants turn carbon dioxide and water "
+           "into glucose and oxygen during photosynthesis."),
+    "d2": ("Volcanic eruptions", "Magma rises through the crust and erupts as lava. Volcanic ash clouds disrupt "
+           "air travel for days."),
+    "d3": ("The French Revolution", "In 1789 the Bastille was stormed in Paris. The monarchy of Louis XVI fell and a "
+           "republic was declared."),
+    "d4": ("Black holes", "A black hole bends spacetime so strongly that not even light escapes its event horizon."),
+    "d5": ("Sourdough baking", "A sourdough starter of wild yeast and lactic acid bacteria leavens bread slowly."),
+    "d6": ("Honey bees", "Worker bees dance to tell the hive where flowers with nectar are found."),
+}
+QUERIES = {"q1": "How do plants make oxygen from sunlight?", "q2": "What happened at the Bastille in 1789?",
+           "q3": "Can light escape from a black hole?", "q4": "How is sourdough bread leavened?"}
+QRELS = {"q1": {"d1": 1}, "q2": {"d3": 1}, "q3": {"d4": 1}, "q4": {"d5": 1}}
+
+
+def write_beir(folder):
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": i, "title": t, "text": x, "metadata": {}}) + "\n"
+                              for i, (t, x) in DOCS.items()))
+    queries = folder / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+    qrels = folder / "qrels.tsv"
+    qrels.write_bytes(("query-id\tcorpus-id\tscore\r\n" + "".join(
+        f"{q}\t{d}\t{s}\r\n" for q, docs in QRELS.items() for d, s in docs.items())).encode())
+    return corpus, queries, qrels
+
+
+def test_oracle_ranking_scores_one_and_missing_queries_score_zero():
+    qrels = {"a": {"d1": 2, "d2": 1}, "b": {"d3": 1}}
+    means, _ = score_rankings(qrels, {"a": ["d1", "d2", "x"], "b": ["d3"]})
+    assert means == {"ndcg@10": 1.0, "recall@100": 1.0, "mrr@10": 1.0}
+    means, per_query = score_rankings(qrels, {"a": ["d1", "d2"]})  # "b" retrieved nothing
+    assert per_query["b"] == {"ndcg@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+    assert means["ndcg@10"] == pytest.approx(0.5)
+    assert score_rankings(qrels, {"a": ["x", "d1"]})[0]["mrr@10"] == pytest.approx(0.25)
+
+
+def test_beir_files_parse(tmp_path):
+    _, queries, qrels = write_beir(tmp_path)
+    assert load_qrels(qrels) == QRELS
+    assert load_queries(queries) == QUERIES
+
+
+def test_end_to_end_with_tuning_and_settings_pick_it_up(tmp_path, monkeypatch):
+    corpus, queries, qrels = write_beir(tmp_path)
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", retrieval_tuning=None)
+    tuning, plot = tmp_path / "tuning.json", tmp_path / "curve.png"
+    report = evaluate(corpus, queries, qrels, settings, cache_root=tmp_path / "cache", depth=20, split_name="tiny",
+                      tune=True, tuning_out=tuning, plot_out=plot)
+
+    assert set(report["methods"]) >= {"bm25", "dense", "hybrid", "hybrid_rrf"}
+    for metrics in report["methods"].values():
+        for name in ("ndcg@10", "recall@100", "mrr@10"):
+            assert 0.0 <= metrics[name] <= 1.0
+        assert metrics["latency_p95_ms"] >= metrics["latency_p50_ms"] >= 0
+    assert report["methods"]["dense"]["recall@100"] == 1.0  # 6 documents: every one is retrieved
+    assert report["methods"]["hybrid"]["ndcg@10"] >= 0.9  # four easy questions
+    assert report["queries"] == 4 and report["documents"] == 6 and not report["index"]["reused"]
+
+    written = json.loads(tuning.read_text())
+    assert written["fusion"] in ("convex", "rrf") and 0 <= written["fusion_alpha"] <= 1
+    assert written["dataset"] == "tiny" and written["queries"] == 4 and plot.stat().st_size > 1000
+    picked = Settings(_env_file=None, retrieval_tuning=tuning)
+    assert (picked.fusion, picked.fusion_alpha, picked.rrf_k) == (written["fusion"], written["fusion_alpha"],
+                                                                  written["rrf_k"])
+    monkeypatch.setenv("RAG_FUSION_ALPHA", "0.123")  # an explicit setting wins over the file
+    assert Settings(_env_file=None, retrieval_tuning=tuning).fusion_alpha == 0.123
+
+    # The CLI reuses the cached index (same corpus and settings) and writes the JSON report.
+    from app.cli import cli
+    from app.cli_eval import register
+
+    register(cli)
+    out = tmp_path / "report.json"
+    monkeypatch.setenv("RAG_RETRIEVAL_TUNING", "none")
+    result = CliRunner().invoke(cli, ["eval", "retrieval", "--corpus", str(corpus), "--queries", str(queries),
+                                      "--qrels", str(qrels), "--data-dir", str(next((tmp_path / "cache").iterdir())),
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| hybrid |" in result.output
+    assert json.loads(out.read_text())["index"]["reused"] is True
+
+
+def test_settings_reject_a_bad_tuning_file(tmp_path):
+    bad = tmp_path / "tuning.json"
+    bad.write_text(json.dumps({"fusion": "max"}))
+    with pytest.raises(ValueError, match="RAG_RETRIEVAL_TUNING"):
+        Settings(_env_file=None, retrieval_tuning=bad)
+    assert Settings(_env_file=None, retrieval_tuning=tmp_path / "absent.json").tuned_fields == {}
+
+
+def test_squad_articles_and_answer_recall(tmp_path):
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "Super_Bowl", "paragraphs": [
+        {"context": "The game was played in Santa Clara.", "qas": [
+            {"id": "a", "question": "Where?", "answers": [{"text": "Santa Clara", "answer_start": 23}]}]},
+        {"context": "Denver won.", "qas": [{"id": "b", "question": "Who won?", "answers": [{"text": "Denver"}]}]},
+    ]}]}))
+    documents, questions = squad_articles(squad)
+    assert documents[0].title == "Super Bowl" and documents[0].text.count("\n\n") == 1 and len(questions) == 2
+
+    def chunk(cid, text):
+        return Chunk(cid, "squad-000", text, "", 0, 5, "", "", "")
+
+    bodies = {c.chunk_id: chunk_body(c, "Super Bowl") for c in
+              [chunk("c1", "Super Bowl\nThe game was played in santa clara."), chunk("c2", "Super Bowl\nDenver won.")]}
+    hits = {"a": [Hit("c2", 1.0), Hit("c1", 0.5)], "b": [Hit("c1", 1.0)]}
+    qs = [Question("a", "squad-000", "Where?", ("Santa Clara",)), Question("b", "squad-000", "Who?", ("Denver",))]
+    assert answer_recall(hits, qs, bodies, ks=(1, 2)) == {"recall@1": 0.0, "recall@2": 0.5}
+    assert chunk_body(chunk("c3", "Super Bowl\nSuper Bowl 50"), "Super Bowl") == "Super Bowl 50"
