@@ -191,7 +191,8 @@ def _register_command_groups() -> None:
     """Command groups that live in their own modules (each adds a typer sub-app)."""
     import importlib
 
-    for module_name in ("app.cli_refresh", "app.cli_eval", "app.cli_train", "app.cli_adapters"):
+    for module_name in ("app.cli_refresh", "app.cli_eval", "app.cli_eval_generation", "app.cli_train",
+                        "app.cli_adapters"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -205,6 +206,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("bm25s", "httpx", "chromadb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     _register_command_groups()
     cli()
 

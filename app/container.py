@@ -1,14 +1,16 @@
 """The composition root: builds the heavy objects once from Settings and hands them out.
 
 Used by the FastAPI lifespan and by CLI commands; nothing here is HTTP-specific, and nothing is
-built at import time. ``Services.retriever`` is replaced (one reference assignment) whenever the
-BM25 index is rebuilt or another generation goes live, so readers always see a complete index.
+built at import time. ``Services.live`` (the live generation, its collection and its retriever) is
+replaced as one reference whenever the BM25 index is rebuilt or another generation goes live, so a
+reader that takes ``services.live`` once sees a complete, consistent index for its whole request.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from ingestion.chunker import SemanticChunker
 from ingestion.embedder import Embedder
 from ingestion.indexer import Indexer
 from ingestion.ledger import GenerationRow, Ledger
+from ingestion.refresh import REFRESH_KINDS, RefreshConfig, RefreshContext, drop_retired_generations
 from retrieval.bm25 import BM25Index
 from retrieval.dense import DenseIndex, chroma_client
 from retrieval.hybrid import HybridRetriever, QueryVectorCache
@@ -34,6 +37,7 @@ def chunker_config(settings: Settings) -> dict[str, Any]:
         "chunk_max_tokens": settings.chunk_max_tokens,
         "chunk_overlap_tokens": settings.chunk_overlap_tokens,
         "chunk_breakpoint_percentile": settings.chunk_breakpoint_percentile,
+        "chunk_breakpoint_vectors": settings.chunk_breakpoint_vectors,
     }
 
 
@@ -45,11 +49,32 @@ def build_embedder(settings: Settings) -> Embedder:
 def build_chunker(settings: Settings, embedder: Embedder) -> SemanticChunker:
     return SemanticChunker(embedder, max_tokens=settings.chunk_max_tokens,
                            overlap_tokens=settings.chunk_overlap_tokens,
-                           breakpoint_percentile=settings.chunk_breakpoint_percentile)
+                           breakpoint_percentile=settings.chunk_breakpoint_percentile,
+                           breakpoint_vectors=settings.chunk_breakpoint_vectors)
 
 
 def bm25_root(settings: Settings, generation: GenerationRow) -> Path:
     return settings.bm25_path / f"g{generation.generation}"
+
+
+def refresh_config(settings: Settings) -> RefreshConfig:
+    return RefreshConfig(
+        collection_prefix=settings.collection_prefix, embedding_model=settings.embedding_model,
+        chunker_config=chunker_config(settings), bm25_language=settings.bm25_language,
+        batch_documents=settings.ingest_batch_documents, min_chunk_ratio=settings.refresh_min_chunk_ratio,
+        max_chunk_ratio=settings.refresh_max_chunk_ratio, golden_queries=settings.refresh_golden_queries,
+        golden_sample=settings.refresh_golden_sample, golden_top_k=settings.refresh_golden_top_k,
+        min_recall=settings.refresh_min_recall,
+    )
+
+
+@dataclass(frozen=True)
+class LiveIndex:
+    """What a reader uses together: the live generation, its Chroma collection, its retriever."""
+
+    generation: GenerationRow
+    dense: DenseIndex
+    retriever: HybridRetriever
 
 
 @dataclass
@@ -59,13 +84,15 @@ class Services:
     chroma: Any
     embedder: Embedder
     chunker: SemanticChunker
-    generation: GenerationRow
-    dense: DenseIndex
-    retriever: HybridRetriever
+    live: LiveIndex | None = None  # None only while building, or when the live generation cannot be opened
     generator: Any = None  # generation.loading.LoadedGenerator once loaded
+    # held by an ingest job for its whole run and by a refresh for its final catch-up and switch
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    wake_workers: Any = lambda: None  # set by whoever runs the job workers (the service)
     gate: GenerationGate | None = None
     query_cache: QueryVectorCache | None = None  # outlives retriever swaps (same embedder)
+    _adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter ref -> LoadedGenerator, LRU order
+    _adapter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.query_cache is None and self.settings.query_cache_size:
@@ -74,19 +101,51 @@ class Services:
             self.gate = GenerationGate(self.settings.max_concurrent_generations, self.settings.generation_queue_size)
 
     def generator_for(self, adapter: str | None) -> Any:
-        """The loaded generator serving `adapter` (None: the default)."""
+        """The loaded generator serving `adapter` (None: the default; "none": the base model).
+
+        Other adapters are loaded on first use (metadata checked, see build_generator) and kept in a
+        bounded LRU cache. Raises LookupError for an unknown adapter, AdapterMismatch for an incompatible one.
+        """
         if self.generator is None:
             raise RuntimeError("the generator is not loaded in this process")
-        if adapter is None or adapter == getattr(self.generator, "adapter_name", None):
+        default = getattr(self.generator, "adapter_name", None)
+        key = "none" if adapter is not None and adapter.lower() == "none" else adapter
+        if key is None or key == (default or "none") or (default and key == default.split("@")[0]):
             return self.generator
-        raise LookupError(f"adapter {adapter!r} is not available; serving {self.generator.adapter_name!r}")
+        with self._adapter_lock:
+            if key in self._adapters:
+                self._adapters.move_to_end(key)
+                return self._adapters[key]
+            settings = self.settings.model_copy(update={"adapter": None if key == "none" else adapter})
+            loaded = build_generator(settings, strict=True)
+            self._adapters[key] = loaded
+            while len(self._adapters) > self.settings.adapter_cache_size:
+                self._adapters.popitem(last=False)  # least recently used
+            return loaded
+
+    def refresh_job(self) -> str | None:
+        """The id of the queued or running refresh (or rollback) job, if any."""
+        jobs = self.ledger.unfinished_jobs(REFRESH_KINDS)
+        return jobs[0].job_id if jobs else None
 
     def refresh_running(self) -> bool:
-        return False
+        return self.refresh_job() is not None
+
+    @property
+    def generation(self) -> GenerationRow:
+        return self.live.generation
+
+    @property
+    def dense(self) -> DenseIndex:
+        return self.live.dense
+
+    @property
+    def retriever(self) -> HybridRetriever:
+        return self.live.retriever
 
     @property
     def bm25(self) -> BM25Index:
-        return self.retriever.bm25
+        return self.live.retriever.bm25
 
     def make_retriever(self, bm25: BM25Index, dense: DenseIndex | None = None) -> HybridRetriever:
         tuning = self.settings
@@ -94,20 +153,46 @@ class Services:
                                alpha=tuning.fusion_alpha, rrf_k=tuning.rrf_k, candidates=tuning.candidates,
                                query_cache=self.query_cache)
 
-    def use_bm25(self, bm25: BM25Index) -> None:
-        self.retriever = self.make_retriever(bm25)
+    def install(self, generation: GenerationRow, dense: DenseIndex, bm25: BM25Index) -> None:
+        """Make this generation what readers see: one reference assignment."""
+        self.live = LiveIndex(generation, dense, self.make_retriever(bm25, dense))
+
+    def use_bm25(self, bm25: BM25Index, generation: int | None = None) -> None:
+        """A rebuilt BM25 index of the live generation (ignored when that generation is no longer live)."""
+        live = self.live
+        if generation is not None and live.generation.generation != generation:
+            return
+        self.install(live.generation, live.dense, bm25)
 
     def indexer(self) -> Indexer:
-        return Indexer(ledger=self.ledger, generation=self.generation, dense=self.dense,
-                       bm25_root=bm25_root(self.settings, self.generation), chunker=self.chunker,
+        live = self.live
+        number = live.generation.generation
+        return Indexer(ledger=self.ledger, generation=live.generation, dense=live.dense,
+                       bm25_root=bm25_root(self.settings, live.generation), chunker=self.chunker,
                        embedder=self.embedder, bm25_language=self.settings.bm25_language,
-                       on_bm25_rebuilt=self.use_bm25)
+                       batch_documents=self.settings.ingest_batch_documents,
+                       on_bm25_rebuilt=lambda bm25: self.use_bm25(bm25, number))
 
-    def provenance(self, generator: Any = None) -> dict[str, Any]:
+    def refresh_context(self, *, should_stop: Any = lambda: False, report: Any = None) -> RefreshContext:
+        return RefreshContext(
+            ledger=self.ledger, chroma=self.chroma, embedder=self.embedder, chunker=self.chunker,
+            bm25_root=lambda generation: bm25_root(self.settings, generation),
+            make_retriever=lambda dense, bm25: self.make_retriever(bm25, dense),
+            on_switch=self.install, switch_lock=self.write_lock,
+            chroma_path=None if self.settings.chroma_host else self.settings.chroma_path,
+            should_stop=should_stop, report=report,
+        )
+
+    def collect_garbage(self) -> list[int]:
+        """Reclaim what retired generations left (after a crash between a switch and its clean-up)."""
+        return drop_retired_generations(self.refresh_context())
+
+    def provenance(self, generator: Any = None, live: LiveIndex | None = None) -> dict[str, Any]:
         generator = generator or self.generator
+        live = live or self.live
         return {
-            "index_collection": self.generation.collection,
-            "index_generation": self.generation.generation,
+            "index_collection": live.generation.collection,
+            "index_generation": live.generation.generation,
             "embedding_model": self.settings.embedding_model,
             "generator_model": self.settings.generator_model,
             "adapter": getattr(generator, "adapter_name", None) if generator else None,
@@ -131,37 +216,82 @@ def open_live_generation(settings: Settings, ledger: Ledger, client: Any, embedd
     return generation, dense
 
 
-def build_services(settings: Settings, *, load_generator: bool = True, reconcile: bool = False) -> Services:
+def build_services(settings: Settings, *, load_generator: bool = True, reconcile: bool = False,
+                   open_live: bool = True, embedder: Embedder | None = None) -> Services:
+    """Everything a process needs. `open_live=False` leaves ``live`` unset (an offline refresh after an
+    embedding-model change, when the live collection cannot be opened with the new model);
+    the generator loads only when both `load_generator` and RAG_LOAD_GENERATOR say so; `embedder`
+    reuses one already loaded for the same settings (tests, benchmarks)."""
     ledger = Ledger(settings.ledger_path)
     client = chroma_client(path=settings.chroma_path, host=settings.chroma_host, port=settings.chroma_port,
                            ssl=settings.chroma_ssl)
-    embedder = build_embedder(settings)
-    generation, dense = open_live_generation(settings, ledger, client, embedder)
-    bm25 = BM25Index.load(bm25_root(settings, generation), language=settings.bm25_language)
+    embedder = embedder or build_embedder(settings)
     services = Services(settings=settings, ledger=ledger, chroma=client, embedder=embedder,
-                        chunker=build_chunker(settings, embedder), generation=generation, dense=dense,
-                        retriever=None)  # type: ignore[arg-type]
-    if bm25 is None:
-        bm25 = BM25Index.build([], [], {}, language=settings.bm25_language)
-    services.use_bm25(bm25)
-    if reconcile:
-        services.indexer().reconcile()
-    if load_generator:
+                        chunker=build_chunker(settings, embedder))
+    if open_live:
+        generation, dense = open_live_generation(settings, ledger, client, embedder)
+        bm25 = BM25Index.load(bm25_root(settings, generation), language=settings.bm25_language)
+        if bm25 is None:
+            bm25 = BM25Index.build([], [], {}, language=settings.bm25_language)
+        services.install(generation, dense, bm25)
+        if reconcile:
+            services.indexer().reconcile()
+    if load_generator and settings.load_generator:
         services.generator = build_generator(settings)
     return services
 
 
-def build_generator(settings: Settings) -> Any:
+def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
+    """The base model with the adapter ``settings.adapter`` (a registry name[@version] or a folder).
+
+    The adapter's metadata must match the serving settings (base model, context window and RoPE scaling,
+    prompt template version), else AdapterMismatch names both values. When the adapter is the built-in
+    default (not set explicitly) and cannot be found or does not match, the error is logged and the base
+    model is served instead (``strict=False``); an explicitly configured adapter must load.
+    """
+    from generation.adapters import AdapterMismatch, AdapterNotFound
     from generation.bundled import resolve_generator_model
     from generation.loading import load_generator
 
+    if strict is None:
+        strict = "adapter" in settings.model_fields_set
     model = resolve_generator_model(settings.generator_model, settings.models_path)
-    adapter_path = None
+    adapter_path, label = None, None
     if settings.adapter:
-        candidate = Path(settings.adapter)
-        adapter_path = str(candidate if candidate.exists() else settings.adapters_path / settings.adapter)
+        try:
+            adapter_path, label = resolve_adapter(settings, settings.adapter, model)
+        except (AdapterNotFound, AdapterMismatch) as exc:
+            if strict:
+                raise
+            log.error("default adapter not served, using the base model: %s", exc)
     loaded = load_generator(model, context_window=settings.context_window, quantization=settings.quantization,
                             torch_dtype=settings.torch_dtype, device=settings.device, adapter_path=adapter_path,
                             merge_adapter=settings.merge_adapter)
-    loaded.adapter_name = settings.adapter
+    loaded.adapter_name = label
     return loaded
+
+
+def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str, str]:
+    """(folder, label) of an adapter reference, after checking its metadata against the serving settings."""
+    from transformers import AutoConfig
+
+    from generation.adapters import AdapterNotFound, AdapterRegistry, check_compatible, read_metadata
+    from generation.loading import native_context, rope_scaling_for
+    from generation.prompt import PROMPT_TEMPLATE_VERSION
+
+    candidate = Path(ref)
+    if (candidate / "adapter_config.json").is_file():
+        folder, label = candidate, candidate.name
+    else:
+        if not settings.adapters_path.is_dir():
+            raise AdapterNotFound(f"adapter {ref!r}: the adapter registry {settings.adapters_path} does not exist "
+                                  "(set RAG_ADAPTERS_DIR, or RAG_ADAPTER=none to serve the base model)")
+        found = AdapterRegistry(settings.adapters_path).resolve(ref)
+        folder, label = found.path, found.label
+    metadata = read_metadata(folder)
+    native = native_context(AutoConfig.from_pretrained(model_path))
+    check_compatible(metadata, where=f"{label} ({folder})", base_model=settings.generator_model,
+                     context_window=settings.context_window,
+                     rope_scaling=rope_scaling_for(native, settings.context_window),
+                     prompt_template_version=PROMPT_TEMPLATE_VERSION)
+    return str(folder), label

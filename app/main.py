@@ -1,4 +1,9 @@
-"""The FastAPI application factory. Heavy objects are built in the lifespan, never at import."""
+"""The FastAPI application factory. Heavy objects are built in the lifespan, never at import.
+
+The lifespan holds the data directory's writer lock, reconciles the live generation, reclaims what
+retired generations left, starts the job workers (which resume interrupted jobs) and the refresh
+schedule; on shutdown the workers stop after their current step, leaving their jobs resumable.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from fastapi.concurrency import run_in_threadpool
 from app.body_limit import BodySizeLimit
 from app.container import Services, build_services
 from app.errors import install_error_handlers
-from app.routes import health, query
+from app.routes import health, ingest, query, refresh
 from app.settings import Settings, get_settings
+from app.worker import start_scheduler, start_workers
 from ingestion.ledger import writer_lock
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 stack.callback(app.state.services.ledger.close)
             else:
                 app.state.services = services
-            log.info("serving generation %s", app.state.services.generation.generation)
+            current = app.state.services
+            await run_in_threadpool(current.collect_garbage)
+            for worker in start_workers(current):
+                stack.callback(worker.stop)  # before the ledger closes (callbacks run last-in, first-out)
+            scheduler = start_scheduler(current)
+            if scheduler is not None:
+                stack.callback(scheduler.shutdown, wait=False)
+            log.info("serving generation %s", current.generation.generation)
             yield
 
     app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan)
@@ -39,6 +52,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_error_handlers(app)
     app.include_router(query.router)
     app.include_router(health.router)
+    app.include_router(ingest.router)
+    app.include_router(refresh.router)
 
     def body_limit_for(path: str) -> int:
         return settings.ingest_max_body_bytes if path == "/ingest" else settings.max_body_bytes

@@ -87,3 +87,34 @@ class Health(BaseModel):
     generator_model: str
     adapter: str | None
     refresh_running: bool = False
+    refresh_job_id: str | None = None
+    previous_generation: int | None = None
+    generator_loaded: bool = True
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    kind: str
+    status: str
+    status_url: str
+
+
+class JobCounts(BaseModel):
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    chunks_written: int = 0
+    chunks_removed: int = 0
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    kind: str
+    status: str  # queued | running | succeeded | failed
+    progress: dict
+    counts: JobCounts
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None

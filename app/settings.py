@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         90.0, ge=0, le=100,
         description="A new chunk starts where neighbouring-sentence distance exceeds this percentile.",
     )
+    chunk_breakpoint_vectors: Literal["static", "encoder"] = Field(
+        "static", description="Sentence vectors for breakpoints: 'static' (mean input token embeddings, no "
+        "forward pass) or 'encoder' (full sentence embeddings, about twice the encoding work).",
+    )
 
     # --- retrieval -----------------------------------------------------------------------------
     top_k: int = Field(5, ge=1, le=50)
@@ -79,6 +83,7 @@ class Settings(BaseSettings):
 
     # --- generation ----------------------------------------------------------------------------
     generator_model: str = BUNDLED_GENERATOR_MODEL
+    load_generator: bool = Field(True, description="False: serve retrieval and ingestion only (/query answers 503).")
     context_window: int = Field(2048, ge=256, description="Tokens the generator may see (RoPE-scaled if beyond native).")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     quantization: Literal["none", "4bit", "8bit"] = "none"
@@ -86,6 +91,7 @@ class Settings(BaseSettings):
     adapter: str | None = Field(None, description="Adapter name in the registry, or a path to an adapter folder.")
     adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
     merge_adapter: bool = False
+    adapter_cache_size: int = Field(2, ge=1, description="Adapters other than the default kept loaded (LRU).")
     generation_timeout_s: float = Field(120.0, gt=0)
     max_concurrent_generations: int = Field(1, ge=1)
     generation_queue_size: int = Field(4, ge=0)
@@ -105,11 +111,15 @@ class Settings(BaseSettings):
     ingest_max_document_bytes: int = Field(2 * 1024 * 1024, ge=1)
     ingest_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
+    ingest_batch_documents: int = Field(64, ge=1, description="Documents per checkpointed step of a job.")
+    job_max_attempts: int = Field(5, ge=1, description="A job interrupted this many times is failed.")
     refresh_cron: str = Field("0 3 * * sun", description="Weekly full refresh, crontab syntax; empty disables.")
+    refresh_timezone: str = Field("UTC", description="Time zone of RAG_REFRESH_CRON.")
     refresh_min_chunk_ratio: float = Field(0.8, gt=0)
     refresh_max_chunk_ratio: float = Field(1.25, gt=0)
     refresh_golden_queries: Path | None = None
-    refresh_golden_sample: int = Field(20, ge=0)
+    refresh_golden_sample: int = Field(20, ge=0, description="Golden queries sampled when no file is set.")
+    refresh_golden_top_k: int = Field(10, ge=1, le=100, description="A golden query must hit in this top k.")
     refresh_min_recall: float = Field(0.8, ge=0, le=1)
 
     _tuned: dict[str, object] = PrivateAttr(default_factory=dict)
@@ -118,6 +128,26 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_disables(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @field_validator("refresh_cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        if value.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(value.strip(), timezone="UTC")  # raises ValueError naming the field
+        return value.strip()
+
+    @field_validator("refresh_timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
     @field_validator("api_keys", "admin_api_keys", "webhook_secret", mode="before")
     @classmethod

@@ -67,7 +67,11 @@ def metadata(i: int, text: str) -> dict:
             "content_hash": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def build(n: int, root: Path, *, real: bool) -> dict:
+def model_name(dim: int) -> str:
+    return settings().embedding_model if dim == DIM else f"random-{dim}d"
+
+
+def build(n: int, root: Path, *, real: bool, dim: int = DIM) -> dict:
     """Chroma collection + BM25 index of `n` chunks under `root` (resumes an interrupted Chroma build)."""
     from retrieval.bm25 import BM25Index
     from retrieval.dense import DenseIndex, chroma_client
@@ -83,8 +87,8 @@ def build(n: int, root: Path, *, real: bool) -> dict:
         columns = {"document_id": [m["document_id"] for m in metas], "source": [m["source"] for m in metas],
                    "section": [""] * n}
         BM25Index.build(ids, texts, columns, show_progress=True).save(root / "bm25")
-    dense = DenseIndex(chroma_client(path=root / "chroma"), "bench_chunks", embedding_model=settings().embedding_model,
-                       dimension=DIM, create=True)
+    dense = DenseIndex(chroma_client(path=root / "chroma"), "bench_chunks", embedding_model=model_name(dim),
+                       dimension=dim, create=True)
     embedder = None
     if real:
         from app.container import build_embedder
@@ -95,18 +99,20 @@ def build(n: int, root: Path, *, real: bool) -> dict:
     for at in range(start, n, BATCH):
         stop = min(at + BATCH, n)
         vectors = (embedder.embed_passages(texts[at:stop]) if embedder is not None
-                   else random_unit_vectors(stop - at, DIM, seed=at))
+                   else random_unit_vectors(stop - at, dim, seed=at))
         dense.upsert(ids[at:stop], vectors, metas[at:stop])
         rate = (stop - start) / (time.perf_counter() - started)
         log(f"chroma: {stop:,}/{n:,} ({rate:,.0f}/s)")
     info = {"kind": "SciFact chunks, MiniLM vectors" if real else "random SciFact sentences, random vectors",
-            "n": n, "chroma": str(root / "chroma"), "collection": "bench_chunks", "bm25": str(root / "bm25"),
+            "n": n, "dim": dim, "chroma": str(root / "chroma"), "collection": "bench_chunks", "bm25": str(root / "bm25"),
             "chroma_upserts_per_s": round((n - start) / (time.perf_counter() - started), 1) if n > start else None}
     done.write_text(json.dumps(info, indent=2))
     return info
 
 
-def index_for(n: int) -> dict:
+def index_for(n: int, dim: int = DIM) -> dict:
+    if dim != DIM:
+        return build(n, CACHE / f"hybrid-{n}-d{dim}", real=False, dim=dim)
     if n <= 20_000:
         found = eval_index()
         if found is not None:
@@ -117,13 +123,24 @@ def index_for(n: int) -> dict:
 # --- measuring (in a fresh process) -------------------------------------------------------------
 
 
+class RandomEmbedder:
+    """Stands in for an encoder of another dimension (random unit query vectors)."""
+
+    def __init__(self, dimension: int) -> None:
+        self.dimension = dimension
+
+    def embed_queries(self, texts: list[str]):
+        return random_unit_vectors(len(texts), self.dimension, seed=len(texts))
+
+
 def measure(info: dict, n_queries: int, candidates: int, ef_search: int | None) -> dict:
     from app.container import build_embedder
     from retrieval.bm25 import BM25Index
     from retrieval.dense import DenseIndex, chroma_client
     from retrieval.hybrid import HybridRetriever, QueryVectorCache
 
-    embedder = build_embedder(settings())
+    dim = info.get("dim", DIM)
+    embedder = build_embedder(settings()) if dim == DIM else RandomEmbedder(dim)
     queries = scifact_queries(n_queries)
     vectors = embedder.embed_queries(queries)
     rss0 = rss_bytes()
@@ -133,7 +150,7 @@ def measure(info: dict, n_queries: int, candidates: int, ef_search: int | None) 
         bm25.search(q, candidates)
     rss_bm25 = rss_bytes()
     client = chroma_client(path=Path(info["chroma"]))
-    dense = DenseIndex(client, info["collection"], embedding_model=settings().embedding_model, dimension=DIM)
+    dense = DenseIndex(client, info["collection"], embedding_model=model_name(dim), dimension=dim)
     if ef_search:
         dense.collection.modify(configuration={"hnsw": {"ef_search": ef_search}})
     for v in vectors[:50]:
@@ -162,8 +179,11 @@ def measure(info: dict, n_queries: int, candidates: int, ef_search: int | None) 
     }
     run(cached)  # first ask fills the cache
     results["hybrid_cached"] = percentiles(run(cached))
+    if dim != DIM:  # no real encoder of this size here: embedding latency is not measured
+        for key in ("hybrid_embed", "hybrid_cached"):
+            results[key] = (float("nan"), float("nan"))
     return {
-        "n": n, "kind": info["kind"], "candidates": candidates, "ef_search": ef_search, "queries": len(queries),
+        "n": n, "dim": dim, "kind": info["kind"], "candidates": candidates, "ef_search": ef_search, "queries": len(queries),
         **{f"{k}_p50": v[0] for k, v in results.items()}, **{f"{k}_p95": v[1] for k, v in results.items()},
         "bm25_disk_per_chunk": folder_bytes(Path(info["bm25"])) / n,
         "chroma_disk_per_chunk": folder_bytes(Path(info["chroma"])) / n,
@@ -182,15 +202,16 @@ def tables(rows: list[dict]) -> str:
     memory = ["| chunks | BM25 disk B/chunk | BM25 RSS B/chunk (mmap open / after queries) | Chroma disk B/chunk "
               "| Chroma RSS B/chunk |", "|---|---|---|---|---|"]
     for r in rows:
-        pair = lambda key: f"{r[key + '_p50']:.1f} / {r[key + '_p95']:.1f}"  # noqa: E731
+        pair = lambda key: ("n/a" if r[key + "_p50"] != r[key + "_p50"]  # noqa: E731  (NaN: not measured)
+                            else f"{r[key + '_p50']:.1f} / {r[key + '_p95']:.1f}")
         latency.append(f"| {r['n']:,} | {r['kind']} | {pair('bm25')} | {pair('dense')} | **{pair('hybrid')}** "
                        f"| {pair('hybrid_embed')} | {pair('hybrid_cached')} |")
         memory.append(f"| {r['n']:,} | {r['bm25_disk_per_chunk']:.0f} | {r['bm25_rss_open_per_chunk']:.0f} / "
                       f"{r['bm25_rss_per_chunk']:.0f} | {r['chroma_disk_per_chunk']:.0f} | {r['chroma_rss_per_chunk']:.0f} |")
     r = rows[-1]
-    head = (f"### Hybrid retrieval latency (ms, top 10, {r['candidates']} candidates per retriever, convex fusion, "
+    head = (f"### Hybrid retrieval latency ({r['dim']}-d, ms, top 10, {r['candidates']} candidates per retriever, convex fusion, "
             f"{r['queries']} SciFact claims; Chroma HNSW ef_search {r['ef_search'] or 'default (100)'})\n\n")
-    return head + "\n".join(latency) + "\n\n### Memory and disk per chunk (384-d)\n\n" + "\n".join(memory)
+    return head + "\n".join(latency) + f"\n\n### Memory and disk per chunk ({r['dim']}-d)\n\n" + "\n".join(memory)
 
 
 def main() -> None:
@@ -199,6 +220,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--candidates", type=int, default=None, help="default: the service's RAG_CANDIDATES")
     parser.add_argument("--ef-search", type=int, default=None)
+    parser.add_argument("--dim", type=int, default=DIM, help="vector size; other than 384: random vectors, and "
+                        "the report goes to its own section")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: JSON of one index, in a child process
@@ -207,7 +230,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure), args.queries, candidates, args.ef_search)))
         return
-    infos = [index_for(n) for n in args.sizes]
+    infos = [index_for(n, args.dim) for n in args.sizes]
     if args.build_only:
         return
     rows = []
@@ -220,7 +243,7 @@ def main() -> None:
     body = tables(rows)
     print(body)
     if not args.no_write:
-        update_section("hybrid", body)
+        update_section("hybrid" if args.dim == DIM else f"hybrid-{args.dim}d", body)
 
 
 if __name__ == "__main__":

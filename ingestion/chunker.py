@@ -13,9 +13,16 @@ Decisions:
 - The limit is ``min(max_tokens, embedder.max_passage_tokens)`` and holds for
   ``embedder.count_tokens(chunk.text)`` of every chunk, header and overlap included: the encoder never
   truncates a chunk.
-- Sentences are embedded only in sections longer than one chunk (one batched call per document), so
-  short documents cost one tokenizer pass and nothing else; the percentile is taken over the distances
-  of those sections (distances across section boundaries mean nothing: sections are hard boundaries).
+- Sentences are embedded only in sections longer than one chunk, in one batched call per document
+  (``chunk_many``: per batch of documents), so short documents cost a tokenizer pass and no model
+  call. The percentile is taken over the distances inside those sections (distances across section
+  boundaries mean nothing: sections are hard boundaries anyway).
+- ``breakpoint_vectors="encoder"`` embeds those sentences with the encoder (about as much encoding work
+  again as the chunks themselves); ``"static"`` averages the encoder's input token embeddings instead
+  (no forward pass, so ingestion runs at the encoder's speed on the chunks alone).
+- A breakpoint ends a chunk only once the chunk holds ``max(limit // 4, overlap)`` tokens of new text,
+  so a semantic cut never leaves a sliver that the next chunk's overlap would repeat whole. Overlap is
+  carried across semantic breakpoints too (every chunk after the first in a section starts with one).
 - Sentences longer than ``limit - header - overlap`` tokens are cut into token windows (at word starts
   where possible) by character offsets, so the text keeps its case and accents.
 - Text before the first heading gets section "" (the header still names the document title).
@@ -196,8 +203,7 @@ def chunk_header(title: str, section: str) -> str:
 
 def _offsets(embedder: Embedder, text: str) -> list[tuple[int, int]]:
     """Character span of every token of ``text`` (no special tokens), in order."""
-    encoded = embedder.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
-    return [(int(s), int(e)) for s, e in encoded["offset_mapping"]]
+    return embedder.token_offsets(text)
 
 
 def _starts_word(offsets: list[tuple[int, int]], j: int) -> bool:
@@ -307,10 +313,14 @@ class SemanticChunker:
         overlap_tokens: int = 50,
         breakpoint_percentile: float = 90.0,
         context_header: bool = True,
+        breakpoint_vectors: str = "encoder",
     ) -> None:
         self.limit = effective_limit(embedder, max_tokens, overlap_tokens)
         if not 0.0 <= breakpoint_percentile <= 100.0:
             raise ValueError(f"breakpoint_percentile must be in [0, 100], got {breakpoint_percentile}")
+        if breakpoint_vectors not in ("encoder", "static"):
+            raise ValueError(f"breakpoint_vectors must be 'encoder' or 'static', got {breakpoint_vectors!r}")
+        self.breakpoint_vectors = breakpoint_vectors
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap_tokens = overlap_tokens
@@ -373,9 +383,12 @@ class SemanticChunker:
         """Set ``break_after`` where neighbour distance exceeds its document's percentile.
         ``documents``: per document, the plans of its sections that have pieces."""
         texts = [plan.body[p.start : p.end] for plans in documents for plan in plans for p in plan.pieces or ()]
-        if len(texts) < 3:  # fewer than two distances: none can exceed the percentile
+        if len(texts) < 3 or self.breakpoint_percentile >= 100.0:  # then no distance can exceed it
             return
-        vectors = self.embedder.embed_sentences(texts)  # (n, d), unit rows
+        if self.breakpoint_vectors == "static":
+            vectors = self.embedder.static_sentence_vectors(texts)  # (n, d), unit rows
+        else:
+            vectors = self.embedder.embed_sentences(texts)  # (n, d), unit rows
         row = 0
         for plans in documents:
             distances: list[np.ndarray] = []  # per section, (len(pieces) - 1,)
@@ -405,12 +418,13 @@ class SemanticChunker:
                 if pieces[j].break_after and pieces[j].tok_hi - pieces[i].tok_lo >= self.min_break_tokens:
                     break
                 j += 1
-            # the estimate counts tokens in context; recount the real text and shrink if it is over
+            # the estimate counts tokens in context; recount the real text and, if it is over (a piece
+            # cut mid-word tokenizes differently alone), give back new pieces, then overlap, piece by piece
             while self.embedder.count_tokens(prefix + body[start : pieces[j].end]) > self.limit:
                 if j > i:
                     j -= 1
-                elif start != pieces[i].start:
-                    start, tok_start = pieces[i].start, pieces[i].tok_lo
+                elif start < pieces[i].start:
+                    start = min(p.start for p in pieces[: i + 1] if p.start > start)
                 else:
                     self._split_piece(pieces, i, offsets, body, prefix)
             spans.append((start, pieces[j].end))
@@ -443,7 +457,8 @@ class SemanticChunker:
         while k >= 0 and pieces[k].start >= chunk_start and pieces[j].tok_hi - pieces[k].tok_lo <= self.overlap_tokens:
             k -= 1
         if k < j:
-            return pieces[k + 1].start, pieces[k + 1].tok_lo
+            first = next((m for m in range(k + 1, j + 1) if _starts_word(offsets, pieces[m].tok_lo)), k + 1)
+            return pieces[first].start, pieces[first].tok_lo
         piece = pieces[j]
         if piece.tok_hi - piece.tok_lo < 2:
             return None

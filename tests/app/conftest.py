@@ -1,5 +1,11 @@
-"""A real service over the demo corpus: real MiniLM, real Chroma, real BM25, the bundled SmolLM2."""
+"""A real service over the demo corpus: real MiniLM, real Chroma, real BM25, the bundled SmolLM2.
 
+Also helpers for the ingestion tests: a synthetic corpus whose every document carries a unique marker
+word (so a query for the marker must find exactly that document), signed webhook requests, job waits.
+"""
+
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -7,10 +13,15 @@ import pytest
 from app.cli import DEMO_CORPUS
 from app.container import build_services
 from app.settings import Settings
+from app.signature import sign
+from ingestion.documents import Document
 from ingestion.loaders import load_documents
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CACHE = REPO / ".cache" / "models"  # converted bundled models, reused across test runs
+SECRET = "s" * 32
+WORDS = ("amber basalt cedar delta ember fjord glacier harbor iris juniper kestrel lagoon meadow nectar orchid "
+         "prairie quartz raven sierra tundra umber valley willow yarrow zephyr").split()
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
@@ -18,9 +29,64 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def demo_services(tmp_path_factory):
+def demo_services(tmp_path_factory, embedder):
     settings = make_settings(tmp_path_factory.mktemp("demo-data"), max_new_tokens=48)
-    services = build_services(settings, load_generator=True)
+    services = build_services(settings, load_generator=True, embedder=embedder)
     services.indexer().apply(load_documents([DEMO_CORPUS]))
     yield services
     services.ledger.close()
+
+
+def marker(prefix: str, i: int, version: int) -> str:
+    return f"{prefix}{i:03d}v{version}"
+
+
+def synthetic_documents(n: int, *, prefix: str = "doc", version: int = 0, start: int = 0) -> list[Document]:
+    """Short documents (one chunk each), each with the unique word ``marker(prefix, i, version)``."""
+    documents = []
+    for i in range(start, start + n):
+        a, b, c = WORDS[i % 25], WORDS[(i * 7 + 3) % 25], WORDS[(i * 11 + 5) % 25]
+        word = marker(prefix, i, version)
+        text = (f"The {a} survey {word} measured the {b} near the {c} station. "
+                f"Field notes for {word} record that the {b} readings rose after the {a} storm. "
+                f"Revision {version} of this note lists {3 + i % 5} sampling sites.")
+        documents.append(Document(f"{prefix}-{i:03d}", text, title=f"{a.title()} survey {i}",
+                                  source="synthetic", created_at="2024-01-01T00:00:00+00:00"))
+    return documents
+
+
+def webhook_body(documents=(), deletes=()) -> bytes:
+    return json.dumps({"documents": [{"document_id": d.document_id, "text": d.text, "title": d.title}
+                                     for d in documents], "deletes": list(deletes)}).encode()
+
+
+def signed_headers(body: bytes, secret: str = SECRET, timestamp: int | None = None, **extra) -> dict:
+    return {"content-type": "application/json", "x-signature": sign(body, secret, timestamp), **extra}
+
+
+def wait_for_job(client, job_id: str, timeout_s: float = 300, headers: dict | None = None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = client.get(f"/jobs/{job_id}", headers=headers)
+        assert response.status_code == 200, response.text
+        job = response.json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s: {job}")
+
+
+def retrieved(services, question: str, k: int = 5) -> list:
+    """The live generation's top-k chunks as the service would cite them (generation.rag.retrieve_context)."""
+    from generation.rag import retrieve_context
+
+    live = services.live
+    return retrieve_context(live.retriever, services.ledger, live.generation.generation, question, k)
+
+
+def found_documents(services, question: str, k: int = 5) -> list[str]:
+    return [c.document_id for c in retrieved(services, question, k)]
+
+
+def found_texts(services, question: str, k: int = 5) -> list[str]:
+    return [c.text for c in retrieved(services, question, k)]

@@ -1,0 +1,36 @@
+"""Admin: POST /refresh (a full refresh) and POST /refresh/rollback, each answered with a job.
+
+One refresh or rollback at a time: while one is queued or running, both answer 409 with its job_id.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from app.container import Services
+from app.deps import AdminKey, ServicesDep
+from app.worker import submit_refresh
+
+router = APIRouter(tags=["ops"], dependencies=[AdminKey])
+
+
+async def _submit(services: Services, kind: str) -> JSONResponse:
+    outcome, response = await run_in_threadpool(submit_refresh, services, kind)
+    if outcome == "active":
+        return JSONResponse(status_code=status.HTTP_409_CONFLICT,
+                            content={"detail": "a refresh or rollback is already queued or running",
+                                     "job_id": response["job_id"], "status_url": f"/jobs/{response['job_id']}"})
+    return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response,
+                        headers={"Location": response["status_url"]})
+
+
+@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED)
+async def refresh(services: ServicesDep) -> JSONResponse:
+    return await _submit(services, "refresh")
+
+
+@router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED)
+async def rollback(services: ServicesDep) -> JSONResponse:
+    return await _submit(services, "rollback")

@@ -1,0 +1,196 @@
+"""Running jobs: worker threads inside the service, or one pass in a process of its own.
+
+Two workers run in the service: one for ingest jobs, one for refreshes and rollbacks, so webhook
+changes keep flowing while a refresh builds. Each takes the oldest unfinished job of its kinds; a job
+found 'running' was interrupted (the process died or stopped) and resumes where it stopped.
+
+``python -m app.worker`` opens the data directory for writing (the single-writer lock), reconciles the
+live generation, resumes every unfinished job, and exits: what a restart does, without the HTTP server
+or the generator (the crash tests kill and restart it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from app.container import Services, refresh_config
+from ingestion.jobs import JobInterrupted, run_ingest_job
+from ingestion.ledger import JobRow
+from ingestion.refresh import REFRESH_KINDS, RefreshFailed, run_refresh_job
+
+log = logging.getLogger(__name__)
+
+INGEST_KINDS = ("ingest",)
+ALL_KINDS = INGEST_KINDS + REFRESH_KINDS
+Report = Callable[[JobRow, dict], None]  # (job, its progress) after every committed step
+
+
+def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] = lambda: False,
+            report: Report | None = None) -> str:
+    """Run or resume one job to its end; returns its final status ('running' if interrupted)."""
+    ledger = services.ledger
+    job = ledger.start_job(job.job_id)
+    if job.progress["attempts"] > services.settings.job_max_attempts:
+        ledger.finish_job(job.job_id, "failed", error=f"interrupted {job.progress['attempts'] - 1} times; gave up "
+                          "(RAG_JOB_MAX_ATTEMPTS)")
+        return "failed"
+    on_progress = (lambda progress: report(job, progress)) if report else None
+    try:
+        if job.kind in INGEST_KINDS:
+            with services.write_lock:  # a refresh switches generations only between ingest jobs
+                run_ingest_job(ledger, job, services.indexer(), should_stop=should_stop, report=on_progress)
+        else:
+            context = services.refresh_context(should_stop=should_stop, report=on_progress)
+            run_refresh_job(context, refresh_config(services.settings), job)
+    except JobInterrupted:
+        log.info("job %s interrupted; it resumes at the next start", job.job_id)
+        return "running"
+    except Exception as exc:
+        if should_stop():
+            log.warning("job %s stopped by shutdown (%s); it resumes at the next start", job.job_id, exc)
+            return "running"
+        if not isinstance(exc, RefreshFailed):
+            log.exception("job %s failed", job.job_id)
+        ledger.finish_job(job.job_id, "failed", error=f"{type(exc).__name__}: {exc}"
+                          if not isinstance(exc, RefreshFailed) else str(exc))
+        return "failed"
+    ledger.finish_job(job.job_id, "succeeded")
+    log.info("job %s (%s) succeeded", job.job_id, job.kind)
+    return "succeeded"
+
+
+def run_pending(services: Services, kinds: Sequence[str] = ALL_KINDS, *,
+                report: Report | None = None) -> dict[str, str]:
+    """Run unfinished jobs of these kinds, oldest first, until none is left; returns {job_id: final status}."""
+    results: dict[str, str] = {}
+    while True:
+        jobs = [j for j in services.ledger.unfinished_jobs(kinds, with_payload=True) if j.job_id not in results]
+        if not jobs:
+            return results
+        results[jobs[0].job_id] = run_job(services, jobs[0], report=report)
+
+
+class JobWorker:
+    """A daemon thread that runs the unfinished jobs of some kinds, one at a time."""
+
+    def __init__(self, services: Services, kinds: Sequence[str], name: str, poll_s: float = 5.0) -> None:
+        self.services = services
+        self.kinds = tuple(kinds)
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> "JobWorker":
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the current job to stop after its current step (it stays resumable) and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                jobs = self.services.ledger.unfinished_jobs(self.kinds, with_payload=True)
+                if jobs:
+                    run_job(self.services, jobs[0], should_stop=self._stop.is_set)
+                    continue
+            except Exception:  # the ledger itself failed: keep the thread alive, try again later
+                log.exception("job worker %s", self._thread.name)
+            self._wake.wait(self.poll_s)
+
+
+def submit_refresh(services: Services, kind: str = "refresh") -> tuple[str, dict]:
+    """Queue a refresh or rollback: ("accepted", response), or ("active", {"job_id": the unfinished one})
+    when one is already queued or running. Wakes the workers."""
+    def respond(job_id: str) -> dict:
+        return {"job_id": job_id, "kind": kind, "status": "queued", "status_url": f"/jobs/{job_id}"}
+
+    outcome, response = services.ledger.accept_job(kind, {}, respond=respond, unless_active=REFRESH_KINDS)
+    if outcome == "accepted":
+        services.wake_workers()
+    return outcome, response
+
+
+def start_workers(services: Services) -> list[JobWorker]:
+    workers = [JobWorker(services, INGEST_KINDS, "ingest-worker").start(),
+               JobWorker(services, REFRESH_KINDS, "refresh-worker").start()]
+
+    def wake_all() -> None:
+        for worker in workers:
+            worker.wake()
+
+    services.wake_workers = wake_all
+    return workers
+
+
+def start_scheduler(services: Services):
+    """The weekly refresh (RAG_REFRESH_CRON in RAG_REFRESH_TIMEZONE) as an APScheduler background job;
+    None when the cron expression is empty. A refresh already queued or running makes a tick a no-op."""
+    cron = services.settings.refresh_cron
+    if not cron:
+        return None
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    def tick() -> None:
+        outcome, response = submit_refresh(services, "refresh")
+        log.info("scheduled refresh: %s (job %s)", outcome, response.get("job_id"))
+
+    timezone = services.settings.refresh_timezone
+    scheduler = BackgroundScheduler(timezone=timezone)
+    scheduler.add_job(tick, CronTrigger.from_crontab(cron, timezone=timezone), id="weekly-refresh",
+                      max_instances=1, coalesce=True, misfire_grace_time=3600)
+    scheduler.start()
+    return scheduler
+
+
+def resume_all(settings, *, during: Callable[[Services], Callable[[], None]] | None = None) -> dict[str, str]:
+    """What a restart does for jobs: open the data directory for writing, reconcile, reclaim, run every
+    unfinished job. `during(services)` may start something alongside (it returns its stop function)."""
+    from app.container import build_services
+    from ingestion.ledger import writer_lock
+
+    with writer_lock(settings.data_dir):
+        services = build_services(settings, load_generator=False, reconcile=True)
+        services.collect_garbage()
+        stop = during(services) if during else None
+        try:
+            return run_pending(services)
+        finally:
+            if stop:
+                stop()
+            services.ledger.close()
+
+
+def main() -> int:
+    """Open the data directory (RAG_ settings), resume every unfinished job, exit 0 (3: data dir locked)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.settings import Settings
+    from ingestion.ledger import DataDirLocked
+
+    try:
+        results = resume_all(Settings())
+    except DataDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    log.info("jobs: %s", results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The adapter registry: LoRA adapters by name and version, an ACTIVE pointer per name, rollback.
+
+Layout::
+
+    <root>/<name>/<version>/   adapter_config.json, adapter_model.safetensors, metadata.json, ...
+    <root>/<name>/ACTIVE       the version served for <name> (one line)
+    <root>/<name>/HISTORY      versions activated, oldest first; rollback steps back through it
+
+Versions are ``v1``, ``v2``, ... in publication order. A reference is ``name`` (its active version, else
+its latest) or ``name@version``. Pointer files are replaced atomically (write + rename).
+Before an adapter is served, :func:`check_compatible` compares its metadata with the serving settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METADATA = "metadata.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+class AdapterMismatch(ValueError):
+    """The adapter was trained for other serving settings than the current ones."""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    version: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _version_number(version: str) -> int:
+    match = re.fullmatch(r"v(\d+)", version)
+    return int(match.group(1)) if match else -1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # --- reading ---------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def versions(self, name: str) -> list[str]:
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        found = [p.name for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file()]
+        return sorted(found, key=lambda v: (_version_number(v), v))
+
+    def active(self, name: str) -> str | None:
+        pointer = self.root / name / "ACTIVE"
+        if pointer.is_file():
+            version = pointer.read_text().strip()
+            return version or None
+        return None
+
+    def history(self, name: str) -> list[str]:
+        path = self.root / name / "HISTORY"
+        return [line for line in path.read_text().split() if line] if path.is_file() else []
+
+    def resolve(self, ref: str) -> AdapterRef:
+        """``name`` or ``name@version`` -> the adapter folder; AdapterNotFound names what was looked for."""
+        name, _, version = ref.partition("@")
+        versions = self.versions(name)
+        if not versions:
+            where = self.root / name
+            raise AdapterNotFound(f"adapter {name!r} not found in the registry (no versions under {where})")
+        version = version or self.active(name) or versions[-1]
+        if version not in versions:
+            raise AdapterNotFound(f"adapter {name!r} has no version {version!r} (have: {', '.join(versions)})")
+        return AdapterRef(name, version, self.root / name / version)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every version of every adapter, with its metadata summary and whether it is active."""
+        rows = []
+        for name in self.names():
+            active = self.active(name)
+            for version in self.versions(name):
+                meta = read_metadata(self.root / name / version)
+                rows.append({"name": name, "version": version, "active": version == active,
+                             "created_at": meta.get("created_at"), "base_model": meta.get("base_model"),
+                             "metrics": meta.get("metrics", {})})
+        return rows
+
+    # --- writing ---------------------------------------------------------------------------------
+    def publish(self, name: str, source: Path, *, activate: bool = True) -> AdapterRef:
+        """Copy the adapter folder ``source`` in as the next version of ``name``."""
+        if not NAME_RE.match(name):
+            raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        numbers = [_version_number(v) for v in self.versions(name)]
+        version = f"v{max(numbers, default=0) + 1}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder))
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        os.rename(tmp, folder / version)  # atomic: a version folder is complete or absent
+        if activate:
+            self.activate(name, version)
+        return AdapterRef(name, version, folder / version)
+
+    def activate(self, name: str, version: str | None = None) -> AdapterRef:
+        """Point ``name`` at ``version`` (default: its latest) and record it for rollback."""
+        if version is None:
+            versions = self.versions(name)
+            version = versions[-1] if versions else None
+        ref = self.resolve(f"{name}@{version}" if version else name)
+        _write_atomic(self.root / name / "ACTIVE", ref.version + "\n")
+        history = self.history(name)
+        if not history or history[-1] != ref.version:
+            _write_atomic(self.root / name / "HISTORY", "\n".join(history + [ref.version]) + "\n")
+        return ref
+
+    def rollback(self, name: str) -> AdapterRef:
+        """Re-activate the version active before the current one."""
+        history = self.history(name)
+        current = self.active(name)
+        while history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise AdapterNotFound(f"adapter {name!r}: no earlier activation to roll back to")
+        ref = self.resolve(f"{name}@{history[-1]}")
+        _write_atomic(self.root / name / "ACTIVE", ref.version + "\n")
+        _write_atomic(self.root / name / "HISTORY", "\n".join(history) + "\n")
+        return ref
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / METADATA
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_compatible(metadata: dict[str, Any], *, where: str, base_model: str, context_window: int,
+                     rope_scaling: dict[str, Any] | None, prompt_template_version: str) -> None:
+    """Refuse an adapter trained for other serving settings; the message names both values."""
+    serving = {"base_model": base_model, "context_window": context_window, "rope_scaling": rope_scaling,
+               "prompt_template_version": prompt_template_version}
+    problems = []
+    for key, value in serving.items():
+        if key not in metadata:
+            problems.append(f"{key}: not recorded by the adapter, serving {value!r}")
+        elif _normalize(metadata[key]) != _normalize(value):
+            problems.append(f"{key}: adapter trained with {metadata[key]!r}, serving {value!r}")
+    if problems:
+        raise AdapterMismatch(f"adapter {where} does not match the serving settings: " + "; ".join(problems))
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                for k, v in value.items()}
+    return value
