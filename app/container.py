@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,7 @@ class Services:
     generator: Any = None  # generation.loading.LoadedGenerator once loaded
     # held by an ingest job for its whole run and by a refresh for its final catch-up and switch
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    switch_pending: threading.Event = field(default_factory=threading.Event)  # set: no new ingest job starts
     wake_workers: Any = lambda: None  # set by whoever runs the job workers (the service)
     gate: GenerationGate | None = None
     query_cache: QueryVectorCache | None = None  # outlives retriever swaps (same embedder)
@@ -173,12 +177,30 @@ class Services:
                        batch_documents=self.settings.ingest_batch_documents,
                        on_bm25_rebuilt=lambda bm25: self.use_bm25(bm25, number))
 
+    @contextmanager
+    def ingest_turn(self) -> Iterator[None]:
+        """The write lock for one ingest job; a waiting generation switch goes first (no starvation)."""
+        while self.switch_pending.is_set():
+            time.sleep(0.05)
+        with self.write_lock:
+            yield
+
+    @contextmanager
+    def switch_turn(self) -> Iterator[None]:
+        """The write lock for a generation switch: waits for the running ingest job, not for queued ones."""
+        self.switch_pending.set()
+        try:
+            with self.write_lock:
+                yield
+        finally:
+            self.switch_pending.clear()
+
     def refresh_context(self, *, should_stop: Any = lambda: False, report: Any = None) -> RefreshContext:
         return RefreshContext(
             ledger=self.ledger, chroma=self.chroma, embedder=self.embedder, chunker=self.chunker,
             bm25_root=lambda generation: bm25_root(self.settings, generation),
             make_retriever=lambda dense, bm25: self.make_retriever(bm25, dense),
-            on_switch=self.install, switch_lock=self.write_lock,
+            on_switch=self.install, switch_lock=self.switch_turn(),
             chroma_path=None if self.settings.chroma_host else self.settings.chroma_path,
             should_stop=should_stop, report=report,
         )

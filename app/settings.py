@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"  # ships the trained adapter
 BUNDLED_EMBEDDING_MODEL = "bundled:all-MiniLM-L6-v2"
 BUNDLED_GENERATOR_MODEL = "bundled:SmolLM2-135M-Instruct"
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "xxx"}
@@ -88,8 +89,10 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     quantization: Literal["none", "4bit", "8bit"] = "none"
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    adapter: str | None = Field(None, description="Adapter name in the registry, or a path to an adapter folder.")
-    adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
+    adapter: str | None = Field(
+        "smollm2-squad", description="Adapter name[@version] in the registry, or a path; empty for none."
+    )
+    adapters_dir: Path = Field(REPO_ADAPTERS, description="Adapter registry (default: the repo's adapters/).")
     merge_adapter: bool = False
     adapter_cache_size: int = Field(2, ge=1, description="Adapters other than the default kept loaded (LRU).")
     generation_timeout_s: float = Field(120.0, gt=0)
@@ -148,6 +151,11 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _empty_adapter_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @field_validator("api_keys", "admin_api_keys", "webhook_secret", mode="before")
     @classmethod

@@ -40,7 +40,7 @@ def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] 
     on_progress = (lambda progress: report(job, progress)) if report else None
     try:
         if job.kind in INGEST_KINDS:
-            with services.write_lock:  # a refresh switches generations only between ingest jobs
+            with services.ingest_turn():  # a refresh switches generations only between ingest jobs
                 run_ingest_job(ledger, job, services.indexer(), should_stop=should_stop, report=on_progress)
         else:
             context = services.refresh_context(should_stop=should_stop, report=on_progress)

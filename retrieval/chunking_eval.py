@@ -99,7 +99,7 @@ def open_chunking_index(kind: str, squad: Path, settings: Settings, documents: l
         def build(services):
             return FixedSizeChunker(services.embedder, max_tokens=settings.chunk_max_tokens,
                                     overlap_tokens=settings.chunk_overlap_tokens)
-    return open_index(settings, cache_root / key_hash(key), key, lambda: documents, chunker=build)
+    return open_index(settings, cache_root / key_hash(key), key, lambda: documents, chunker=build, owned=True)
 
 
 def evaluate_chunking(squad: Path, settings: Settings, *, limit: int | None = None,

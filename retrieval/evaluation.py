@@ -111,8 +111,12 @@ def key_hash(key: Mapping[str, Any]) -> str:
 
 
 def open_index(settings: Settings, data_dir: Path, key: dict[str, Any], documents: Callable[[], list[Document]],
-               *, chunker: Callable[[Services], object] | None = None) -> EvalIndex:
-    """Reuse the index in `data_dir` if it was built from `key`; else build it there from `documents()`."""
+               *, chunker: Callable[[Services], object] | None = None, owned: bool = False) -> EvalIndex:
+    """Reuse the index in `data_dir` if it was built from `key`; else build it there from `documents()`.
+
+    An `owned` folder (a cache entry) without a finished build is an interrupted one and is wiped;
+    any other folder must be empty or an evaluation index.
+    """
     from ingestion.ledger import writer_lock
 
     marker = data_dir / MARKER
@@ -126,7 +130,10 @@ def open_index(settings: Settings, data_dir: Path, key: dict[str, Any], document
             return EvalIndex(build_services(local, load_generator=False), data_dir, True, info)
         shutil.rmtree(data_dir)
     elif data_dir.exists() and any(data_dir.iterdir()):
-        raise ValueError(f"{data_dir} holds data that is not an evaluation index; give an empty or new folder")
+        if owned:
+            shutil.rmtree(data_dir)
+        else:
+            raise ValueError(f"{data_dir} holds data that is not an evaluation index; give an empty or new folder")
     started = time.perf_counter()
     with writer_lock(data_dir):
         services = build_services(local, load_generator=False)
@@ -148,7 +155,7 @@ def open_corpus_index(corpus: Path, settings: Settings, *, data_dir: Path | None
 
     key = index_key(file_digest(corpus), settings)
     folder = data_dir or cache_root / key_hash(key)
-    return open_index(settings, folder, key, lambda: load_documents([corpus]))
+    return open_index(settings, folder, key, lambda: load_documents([corpus]), owned=data_dir is None)
 
 
 # --- runs and metrics ---------------------------------------------------------------------------

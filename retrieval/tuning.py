@@ -90,6 +90,7 @@ def plot_curve(curve: Mapping[str, list], singles: Mapping[str, float], chosen: 
     best = next(row for row in curve["convex"] if row["alpha"] == chosen["fusion_alpha"])
     ax.annotate(f"alpha={best['alpha']}: {best[OBJECTIVE]:.3f}", (best["alpha"], best[OBJECTIVE]),
                 xytext=(0, 10), textcoords="offset points", ha="center", fontsize=8)
+    ax.margins(y=0.15)
     ax.set_xlabel("alpha (weight of the dense score)")
     ax.set_ylabel("NDCG@10")
     ax.set_title(title, fontsize=10)

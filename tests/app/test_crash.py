@@ -128,20 +128,28 @@ def workers():
     return context
 
 
-def run(workers, data_dir: Path, probe_log: Path) -> None:
+def run(workers, data_dir: Path, probe_log: Path) -> float:
+    """Run a worker to its end; returns about how long the newest job was running (seconds)."""
     process = workers.Process(target=_worker, args=(settings_kwargs(data_dir), str(probe_log)))
     process.start()
+    started = None
+    while process.is_alive():
+        if started is None and job_state(data_dir)[0] == "running":
+            started = time.monotonic()
+        time.sleep(0.02)
     process.join(600)
     assert process.exitcode == 0, f"worker exit code {process.exitcode}"
+    return time.monotonic() - (started or time.monotonic())
 
 
-def run_and_kill(workers, data_dir: Path, probe_log: Path, rng: random.Random, phases: tuple = ()) -> str:
+def run_and_kill(workers, data_dir: Path, probe_log: Path, rng: random.Random, job_seconds: float,
+                 phases: tuple = ()) -> str:
     """Start a worker, SIGKILL it at a random point of the unfinished job: a random share of its documents
     done, or (one time in two, when `phases` are given) on entering one of those phases; then a random
-    delay. Returns the job's status after the kill."""
+    delay of up to a fifth of the clean job's duration. Returns the job's status after the kill."""
     process = workers.Process(target=_worker, args=(settings_kwargs(data_dir), str(probe_log)))
     process.start()
-    fraction, delay = rng.uniform(0.0, 0.9), rng.uniform(0.0, 0.4)
+    fraction, delay = rng.uniform(0.0, 0.9), rng.uniform(0.0, 0.2 * job_seconds)
     phase = rng.choice(phases) if phases and rng.random() < 0.5 else None
     while process.is_alive():
         status, progress = job_state(data_dir)
@@ -236,7 +244,7 @@ def crash_and_compare(workers, root: Path, template: Path, kind: str, payload: d
     clean = root / f"{name}-clean"
     shutil.copytree(template, clean)
     queue_job(clean, kind, payload)
-    run(workers, clean, root / f"{name}-clean.log")
+    job_seconds = run(workers, clean, root / f"{name}-clean.log")
     expected = snapshot(workers, clean)
     check_consistent(expected)
     interrupted = 0
@@ -246,7 +254,7 @@ def crash_and_compare(workers, root: Path, template: Path, kind: str, payload: d
         shutil.copytree(template, data)
         queue_job(data, kind, payload)
         for _ in range(1 + rng.randrange(2)):  # one or two kills
-            status = run_and_kill(workers, data, probes, rng, phases)
+            status = run_and_kill(workers, data, probes, rng, job_seconds, phases)
             interrupted += status == "running"
         run(workers, data, probes)
         state = snapshot(workers, data)

@@ -129,7 +129,7 @@ def test_changes_made_during_the_build_reach_the_new_generation(service):
                 "ingest", {"documents": [dataclasses.asdict(d) for d in changes], "deletes": ["doc-023"]},
                 respond=lambda job_id: {"job_id": job_id})
             ingest = services.ledger.start_job(response["job_id"])
-            with services.write_lock:
+            with services.ingest_turn():
                 run_ingest_job(services.ledger, ingest, services.indexer())
 
     previous = services.generation.generation

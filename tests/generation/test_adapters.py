@@ -132,7 +132,7 @@ def test_services_load_adapters_on_demand_in_a_bounded_cache(tmp_path, tiny_mode
     settings = tiny_settings(tmp_path, tiny_model_dir, adapters_dir=tmp_path / "reg", adapter_cache_size=1)
     base = build_generator(settings)
     services = Services(settings=settings, ledger=None, chroma=None, embedder=None, chunker=None,  # type: ignore[arg-type]
-                        generation=None, dense=None, retriever=None, generator=base)  # type: ignore[arg-type]
+                        live=None, generator=base)
     assert services.generator_for(None) is base and services.generator_for("none") is base
     qa = services.generator_for("qa")
     assert qa.adapter_name == "qa@v2" and services.generator_for("qa") is qa
