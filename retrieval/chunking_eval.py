@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.settings import Settings
-from ingestion.chunker import fixed_size_chunks
+from ingestion.chunker import effective_limit, fixed_size_chunks
 from ingestion.documents import Chunk, Document
 from retrieval.evaluation import (DEFAULT_CACHE, EvalIndex, embed_queries, eval_retriever, file_digest,
                                   index_key, key_hash, latency_summary, open_index, run_method)
@@ -43,6 +43,7 @@ class FixedSizeChunker:
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap_tokens = overlap_tokens
+        self.limit = effective_limit(embedder, max_tokens, overlap_tokens)  # the semantic chunker's limit too
 
     def chunk(self, document: Document) -> list[Chunk]:
         return fixed_size_chunks(document, self.embedder, self.max_tokens, self.overlap_tokens)

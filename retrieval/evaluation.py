@@ -217,13 +217,12 @@ def eval_retriever(index: EvalIndex, settings: Settings, depth: int) -> HybridRe
                            candidates=depth)
 
 
-def method_options(settings: Settings) -> dict[str, dict[str, Any]]:
-    return {
-        "bm25": {"method": "bm25"},
-        "dense": {"method": "dense"},
-        "hybrid_convex": {"fusion": "convex", "alpha": settings.fusion_alpha},
-        "hybrid_rrf": {"fusion": "rrf"},
-    }
+def served_fusions(settings: Settings) -> dict[str, tuple[str, Callable[[Any, Any], list]]]:
+    """Both hybrid methods as the service runs them: name -> (fusion, fuse(lexical, dense))."""
+    from retrieval.fusion import convex_fusion, rrf_fusion
+
+    return {"hybrid_convex": ("convex", lambda lex, den: convex_fusion(lex, den, settings.fusion_alpha)),
+            "hybrid_rrf": ("rrf", lambda lex, den: rrf_fusion(lex, den, k=settings.rrf_k))}
 
 
 @dataclass
@@ -237,14 +236,23 @@ class MethodRuns:
 
 def run_all(index: EvalIndex, settings: Settings, questions: Mapping[str, str], qrels: Qrels,
             vectors: np.ndarray, depth: int) -> MethodRuns:
-    retriever = eval_retriever(index, settings, depth)
+    """BM25 and dense `depth` deep; the hybrids exactly as served (each side cut to RAG_CANDIDATES)."""
+    from retrieval.tuning import fused_metrics
+
     chunk_document = index.chunk_document
     runs = MethodRuns({}, {}, {})
-    for name, options in method_options(settings).items():
-        hits, latencies = run_method(retriever, questions, vectors, depth, name, **options)
-        rankings = {qid: document_ranking(h, chunk_document) for qid, h in hits.items()}
-        runs.hits[name], runs.latencies[name] = hits, latencies
-        runs.metrics[name] = score_rankings(qrels, rankings)[0]
+    single = eval_retriever(index, settings, depth)
+    for name in ("bm25", "dense"):
+        hits, runs.latencies[name] = run_method(single, questions, vectors, depth, name, method=name)
+        runs.hits[name] = hits
+        runs.metrics[name] = score_rankings(qrels, {q: document_ranking(h, chunk_document) for q, h in hits.items()})[0]
+    # Hybrid quality: the service's fusion code on the recorded lists cut to the service's candidates;
+    # hybrid latency: the service's retriever, timed at the service's top_k.
+    candidates = min(settings.candidates, depth)
+    served = eval_retriever(index, settings, candidates)
+    for name, (fusion, fuse) in served_fusions(settings).items():
+        runs.latencies[name] = run_method(served, questions, vectors, settings.top_k, name, fusion=fusion)[1]
+        runs.metrics[name] = fused_metrics(runs, qrels, chunk_document, candidates, fuse)
     return runs
 
 
@@ -292,9 +300,10 @@ def build_report(index: EvalIndex, settings: Settings, runs: MethodRuns, *, spli
         "chunks": len(index.services.bm25),
         "methods": methods,
         "hybrid": {"fusion": settings.fusion, "fusion_alpha": settings.fusion_alpha, "rrf_k": settings.rrf_k,
-                   "from_tuning_file": sorted(settings.tuned_fields)},
+                   "candidates": min(settings.candidates, depth), "from_tuning_file": sorted(settings.tuned_fields)},
         "query_embedding_ms": round(embed_ms, 2),
-        "latency_note": "per query, query embedding excluded (embedded once, batched, reused by every method)",
+        "latency_note": ("per query, query embedding excluded (embedded once, batched, reused by every method); "
+                         "bm25/dense return `depth` chunks, hybrids the service's top_k from `candidates` per side"),
         "depth": depth,
         "embedding_model": settings.embedding_model,
         "index": {"dir": str(index.data_dir), "reused": index.reused, "build_s": index.info.get("build_s")},
@@ -308,14 +317,16 @@ def apply_tuned_hybrid(report: dict[str, Any], runs: MethodRuns) -> None:
     report["methods"]["hybrid"] = {**{k: round(v, 4) for k, v in choice["metrics"].items()},
                                    **latency_summary(runs.latencies[timed])}
     report["hybrid"] = {"fusion": choice["fusion"], "fusion_alpha": choice["fusion_alpha"],
-                        "rrf_k": choice["rrf_k"], "from_tuning_file": ["fusion", "fusion_alpha", "rrf_k"]}
+                        "rrf_k": choice["rrf_k"], "candidates": choice["candidates"],
+                        "from_tuning_file": ["fusion", "fusion_alpha", "rrf_k", "candidates"]}
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The methods as a Markdown table."""
     h = report["hybrid"]
     lines = [f"{report['dataset']}: {report['queries']} queries, {report['documents']} documents, "
-             f"{report['chunks']} chunks; hybrid = {h['fusion']} (alpha {h['fusion_alpha']}, rrf k {h['rrf_k']})",
+             f"{report['chunks']} chunks; hybrid = {h['fusion']} (alpha {h['fusion_alpha']}, rrf k {h['rrf_k']}, "
+             f"{h['candidates']} candidates per retriever)",
              "", "| method | NDCG@10 | Recall@100 | MRR@10 | p50 ms | p95 ms |", "|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
         lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} | {m['mrr@10']:.4f} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,45 +25,59 @@ if TYPE_CHECKING:
 
 ALPHAS = [round(a, 2) for a in np.arange(0.0, 1.0 + 1e-9, 0.05)]
 RRF_KS = (5, 10, 20, 40, 60, 100)
+CANDIDATES = (50, 100, 200)  # per retriever; more costs dense search time at scale
 OBJECTIVE = "ndcg@10"
 
 
-def fused_metrics(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str], depth: int,
+def fused_metrics(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str], candidates: int,
                   fuse) -> dict[str, float]:
-    """Metrics of `fuse(lexical, dense)` applied to every query's recorded candidates."""
+    """Metrics of `fuse(lexical, dense)` on every query's recorded lists, each cut to `candidates`."""
     from retrieval.evaluation import score_rankings
 
     lexical, dense = runs.hits["bm25"], runs.hits["dense"]
     rankings = {}
     for qid in lexical:
-        fused = fuse([(h.chunk_id, h.score) for h in lexical[qid]], [(h.chunk_id, h.score) for h in dense[qid]])
-        rankings[qid] = list(dict.fromkeys(chunk_document[cid] for cid, _ in fused[:depth]))
+        fused = fuse([(h.chunk_id, h.score) for h in lexical[qid][:candidates]],
+                     [(h.chunk_id, h.score) for h in dense[qid][:candidates]])
+        rankings[qid] = list(dict.fromkeys(chunk_document[cid] for cid, _ in fused))
     return score_rankings(qrels, rankings)[0]
 
 
-def sweep(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str], depth: int) -> dict[str, list]:
-    """{"convex": [{"alpha", metrics...}], "rrf": [{"k", metrics...}]}."""
-    convex = [{"alpha": a, **fused_metrics(runs, qrels, chunk_document, depth,
-                                           lambda lex, den, a=a: convex_fusion(lex, den, a))} for a in ALPHAS]
-    rrf = [{"k": k, **fused_metrics(runs, qrels, chunk_document, depth,
-                                    lambda lex, den, k=k: rrf_fusion(lex, den, k=k))} for k in RRF_KS]
+def candidate_depths(settings: "Settings", depth: int) -> list[int]:
+    """Candidate list lengths to sweep: the configured one and the usual steps, up to the recorded depth."""
+    return sorted({c for c in (*CANDIDATES, settings.candidates) if c <= depth} | {min(settings.candidates, depth)})
+
+
+def sweep(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str],
+          depths: Sequence[int]) -> dict[str, list]:
+    """{"convex": [{"candidates", "alpha", metrics...}], "rrf": [{"candidates", "k", metrics...}]}."""
+    convex, rrf = [], []
+    for n in depths:
+        convex += [{"candidates": n, "alpha": a, **fused_metrics(
+            runs, qrels, chunk_document, n, lambda lex, den, a=a: convex_fusion(lex, den, a))} for a in ALPHAS]
+        rrf += [{"candidates": n, "k": k, **fused_metrics(
+            runs, qrels, chunk_document, n, lambda lex, den, k=k: rrf_fusion(lex, den, k=k))} for k in RRF_KS]
     return {"convex": convex, "rrf": rrf}
 
 
 def choose(curve: Mapping[str, list]) -> dict[str, Any]:
-    """The best fusion by NDCG@10 (convex wins ties); both best parameters are kept."""
-    best_convex = max(curve["convex"], key=lambda row: row[OBJECTIVE])
-    best_rrf = max(curve["rrf"], key=lambda row: row[OBJECTIVE])
+    """The best fusion and candidate depth by NDCG@10 (convex, then fewer candidates, win ties)."""
+    def best(rows: list) -> dict:
+        return max(rows, key=lambda row: (round(row[OBJECTIVE], 6), -row["candidates"]))
+
+    best_convex, best_rrf = best(curve["convex"]), best(curve["rrf"])
     fusion = "convex" if best_convex[OBJECTIVE] >= best_rrf[OBJECTIVE] else "rrf"
-    best = best_convex if fusion == "convex" else best_rrf
-    return {"fusion": fusion, "fusion_alpha": best_convex["alpha"], "rrf_k": best_rrf["k"],
-            "metrics": {k: v for k, v in best.items() if k not in ("alpha", "k")}}
+    winner = best_convex if fusion == "convex" else best_rrf
+    at_depth = lambda rows: best([r for r in rows if r["candidates"] == winner["candidates"]] or rows)  # noqa: E731
+    return {"fusion": fusion, "candidates": winner["candidates"],
+            "fusion_alpha": at_depth(curve["convex"])["alpha"], "rrf_k": at_depth(curve["rrf"])["k"],
+            "metrics": {k: v for k, v in winner.items() if k not in ("alpha", "k", "candidates")}}
 
 
 def write_tuning(path: Path, chosen: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
     """The tuning file, written atomically (a reader never sees half of it)."""
     data = {"fusion": chosen["fusion"], "fusion_alpha": chosen["fusion_alpha"], "rrf_k": chosen["rrf_k"],
-            **provenance}
+            "candidates": chosen["candidates"], **provenance}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
     with os.fdopen(handle, "w") as out:
@@ -80,14 +94,19 @@ def plot_curve(curve: Mapping[str, list], singles: Mapping[str, float], chosen: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    alphas = [row["alpha"] for row in curve["convex"]]
-    ax.plot(alphas, [row[OBJECTIVE] for row in curve["convex"]], "o-", ms=3, label="convex fusion")
-    colors = plt.cm.Greys(np.linspace(0.35, 0.85, len(curve["rrf"])))
-    for row, color in zip(curve["rrf"], colors):
-        ax.axhline(row[OBJECTIVE], ls="--", lw=1, color=color, label=f"RRF k={row['k']}")
+    depths = sorted({row["candidates"] for row in curve["convex"]})
+    for n in depths:
+        rows = [row for row in curve["convex"] if row["candidates"] == n]
+        ax.plot([row["alpha"] for row in rows], [row[OBJECTIVE] for row in rows], "o-", ms=3,
+                label=f"convex, {n} candidates")
+    rrf = [row for row in curve["rrf"] if row["candidates"] == chosen["candidates"]]
+    colors = plt.cm.Greys(np.linspace(0.35, 0.85, len(rrf)))
+    for row, color in zip(rrf, colors):
+        ax.axhline(row[OBJECTIVE], ls="--", lw=1, color=color, label=f"RRF k={row['k']} ({row['candidates']})")
     ax.plot([0.0], [singles["bm25"]], "s", color="tab:red", ms=8, label=f"BM25 alone {singles['bm25']:.3f}")
     ax.plot([1.0], [singles["dense"]], "^", color="tab:green", ms=8, label=f"dense alone {singles['dense']:.3f}")
-    best = next(row for row in curve["convex"] if row["alpha"] == chosen["fusion_alpha"])
+    best = next(row for row in curve["convex"]
+                if row["alpha"] == chosen["fusion_alpha"] and row["candidates"] == chosen["candidates"])
     ax.annotate(f"alpha={best['alpha']}: {best[OBJECTIVE]:.3f}", (best["alpha"], best[OBJECTIVE]),
                 xytext=(0, 10), textcoords="offset points", ha="center", fontsize=8)
     ax.margins(y=0.15)
@@ -103,19 +122,20 @@ def plot_curve(curve: Mapping[str, list], singles: Mapping[str, float], chosen: 
 
 
 def format_curve(curve: Mapping[str, list]) -> str:
-    lines = ["| fusion | parameter | NDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|---|"]
+    lines = ["| fusion | candidates | parameter | NDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|---|---|"]
     for row in curve["convex"]:
-        lines.append(f"| convex | alpha={row['alpha']:.2f} | {row['ndcg@10']:.4f} | {row['recall@100']:.4f} "
-                     f"| {row['mrr@10']:.4f} |")
+        lines.append(f"| convex | {row['candidates']} | alpha={row['alpha']:.2f} | {row['ndcg@10']:.4f} "
+                     f"| {row['recall@100']:.4f} | {row['mrr@10']:.4f} |")
     for row in curve["rrf"]:
-        lines.append(f"| rrf | k={row['k']} | {row['ndcg@10']:.4f} | {row['recall@100']:.4f} | {row['mrr@10']:.4f} |")
+        lines.append(f"| rrf | {row['candidates']} | k={row['k']} | {row['ndcg@10']:.4f} | {row['recall@100']:.4f} "
+                     f"| {row['mrr@10']:.4f} |")
     return "\n".join(lines)
 
 
 def tune_fusion(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str], settings: "Settings", *,
                 split: str, depth: int, tuning_out: Path | None, plot_out: Path | None) -> dict[str, Any]:
     """Sweep, choose, write the tuning file (and the plot); returns the curve and the choice."""
-    curve = sweep(runs, qrels, chunk_document, depth)
+    curve = sweep(runs, qrels, chunk_document, candidate_depths(settings, depth))
     chosen = choose(curve)
     provenance = {
         "objective": OBJECTIVE,

@@ -74,6 +74,7 @@ def test_end_to_end_with_tuning_and_settings_pick_it_up(tmp_path, monkeypatch):
     written = json.loads(tuning.read_text())
     assert written["fusion"] in ("convex", "rrf") and 0 <= written["fusion_alpha"] <= 1
     assert written["dataset"] == "tiny" and written["queries"] == 4 and plot.stat().st_size > 1000
+    assert written["candidates"] in (5, 10, 20) and report["hybrid"]["candidates"] == written["candidates"]
     picked = Settings(_env_file=None, retrieval_tuning=tuning)
     assert (picked.fusion, picked.fusion_alpha, picked.rrf_k) == (written["fusion"], written["fusion_alpha"],
                                                                   written["rrf_k"])
@@ -122,3 +123,37 @@ def test_squad_articles_and_answer_recall(tmp_path):
     qs = [Question("a", "squad-000", "Where?", ("Santa Clara",)), Question("b", "squad-000", "Who?", ("Denver",))]
     assert answer_recall(hits, qs, bodies, ks=(1, 2)) == {"recall@1": 0.0, "recall@2": 0.5}
     assert chunk_body(chunk("c3", "Super Bowl\nSuper Bowl 50"), "Super Bowl") == "Super Bowl 50"
+
+
+def test_chunking_comparison_builds_both_indexes_with_the_same_limit(tmp_path):
+    from retrieval.chunking_eval import evaluate_chunking
+
+    paragraphs = [" ".join(f"{title} fact number {i} is that {title.lower()} item {i} weighs {i * 7} grams."
+                           for i in range(12)) for title in ("Granite", "Basalt", "Marble")]
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "Rocks", "paragraphs": [
+        {"context": text, "qas": [{"id": f"q{n}", "question": f"How much does {text.split()[0].lower()} item 3 weigh?",
+                                   "answers": [{"text": "21 grams"}]}]} for n, text in enumerate(paragraphs)]}]}))
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", retrieval_tuning=None, chunk_max_tokens=64,
+                        chunk_overlap_tokens=8)
+    report = evaluate_chunking(squad, settings, cache_root=tmp_path / "cache")
+    semantic, fixed = report["chunkers"]["semantic"], report["chunkers"]["fixed"]
+    assert semantic["effective_limit_tokens"] == fixed["effective_limit_tokens"] == 64
+    assert semantic["chunks"] > 1 and fixed["chunks"] > 1
+    for entry in (semantic, fixed):
+        for scores in entry["methods"].values():
+            assert scores["recall@10"] == 1.0 and 0.0 <= scores["recall@1"] <= scores["recall@5"] <= 1.0
+
+
+def test_tuning_prefers_fewer_candidates_on_ties_and_records_the_depth():
+    from retrieval.tuning import choose
+
+    row = lambda n, score, **p: {"candidates": n, **p, "ndcg@10": score, "recall@100": 0.9, "mrr@10": 0.8}  # noqa: E731
+    curve = {"convex": [row(50, 0.71, alpha=0.4), row(200, 0.71, alpha=0.5), row(200, 0.70, alpha=0.3)],
+             "rrf": [row(50, 0.69, k=10), row(200, 0.70, k=60)]}
+    assert choose(curve) == {"fusion": "convex", "candidates": 50, "fusion_alpha": 0.4, "rrf_k": 10,
+                             "metrics": {"ndcg@10": 0.71, "recall@100": 0.9, "mrr@10": 0.8}}
+    curve["rrf"].append(row(100, 0.72, k=5))
+    curve["convex"].append(row(100, 0.715, alpha=0.45))
+    assert choose(curve)["fusion"] == "rrf" and choose(curve)["candidates"] == 100
+    assert choose(curve)["fusion_alpha"] == 0.45  # the best convex weight at the chosen depth
