@@ -1,4 +1,4 @@
-"""`rag adapters list | activate NAME[@VERSION] | rollback [NAME]`: the adapter registry (generation/adapters.py)."""
+"""`rag adapters list | activate | rollback | calibrate`: the adapter registry (generation/adapters.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from app.cli import fail, load_settings
 
-adapters_app = typer.Typer(help="Trained LoRA adapters: list, activate, roll back.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Trained LoRA adapters: list, activate, roll back, calibrate.", no_args_is_help=True)
 RegistryOption = Annotated[Optional[Path], typer.Option(help="Adapter registry (default RAG_ADAPTERS_DIR).")]
 
 
@@ -70,3 +70,67 @@ def rollback(name: Annotated[Optional[str], typer.Argument(help="Adapter name (o
     except AdapterNotFound as exc:
         fail(str(exc))
     typer.echo(f"active: {found.label}")
+
+
+@adapters_app.command()
+def calibrate(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    data: Annotated[Optional[Path], typer.Option(help="SQuAD-format file (default: the adapter's held-out validation "
+                                                      "articles, read from its training files).", exists=True)] = None,
+    limit: Annotated[int, typer.Option(min=20, help="Seeded sample of questions.")] = 240,
+    max_abstain_answerable: Annotated[float, typer.Option(min=0, max=100, help="Cap, percent of answerable questions.")] = 8.0,
+    registry: RegistryOption = None,
+) -> None:
+    """Choose the abstention margin on held-out questions and store it in the adapter's metadata.
+
+    One gold-context run that never abstains records each question's answer and first-token preference
+    for "I don't know."; every margin is then scored from it, and the margin with the best SQuAD 2.0 F1
+    whose abstention on answerable questions stays under the cap is kept (with a PNG of the curve).
+    """
+    import json
+    from datetime import datetime, timezone
+
+    from app.container import build_generator
+    from generation.adapters import AdapterNotFound, _write_atomic, read_metadata
+    from generation.finetune import evaluate as ev
+    from generation.finetune.data import load_articles
+    from app.settings import REPO_ROOT
+
+    try:
+        found = _registry(registry).resolve(ref)
+    except AdapterNotFound as exc:
+        fail(str(exc))
+    metadata = read_metadata(found.path)
+    if data is not None:
+        articles, source = load_articles([data]), str(data)
+    else:
+        files = [REPO_ROOT / f for f in metadata.get("config", {}).get("train_files", [])]
+        titles = set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
+        missing = [str(f) for f in files if not f.is_file()]
+        if not files or not titles or missing:
+            fail(f"{found.label}: no held-out articles to calibrate on ({', '.join(missing) or 'none recorded'}); "
+                 "pass --data")
+        articles = [a for a in load_articles(files) if a.title in titles]
+        source = f"validation articles {sorted(titles)} of {[f.name for f in files]}"
+    items = ev.sample_items(ev.items_of(articles), limit, seed=0)
+    settings = load_settings().model_copy(update={"adapter": str(found.path), "abstain_margin": ev.NEVER_ABSTAIN})
+    generator = build_generator(settings, strict=True)
+    _, records = ev.evaluate_items(generator, items, ev.gold_contexts, max_new_tokens=settings.max_new_tokens,
+                                   timeout_s=settings.generation_timeout_s, desc="calibrate")
+    margins = [round(0.25 * i, 2) for i in range(41)]  # 0 .. 10 logits
+    curve = ev.abstention_curve(records, margins)
+    chosen = ev.choose_margin(curve, max_abstain_answerable)
+    for row in curve:
+        typer.echo(f"margin {row['margin']:5.2f}  F1 {row['f1']:5.1f}  F1 all {row.get('f1_all') or 0:5.1f}  "
+                   f"abstain answerable {row['abstain_answerable'] or 0:5.1f}%  "
+                   f"unanswerable {row['abstain_unanswerable'] or 0:5.1f}%")
+    plot = found.path / "abstention_calibration.png"
+    ev.plot_abstention(curve, chosen, f"{found.label}: abstention margin on {len(items)} held-out questions", plot)
+    metadata["abstain_margin"] = chosen["margin"]
+    metadata["abstain_calibration"] = {
+        "data": source, "questions": len(items), "max_abstain_answerable": max_abstain_answerable,
+        "chosen": chosen, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "plot": plot.name}
+    _write_atomic(found.path / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    typer.echo(f"{found.label}: abstain_margin = {chosen['margin']} (F1 {chosen['f1']}, abstains on "
+               f"{chosen['abstain_answerable']}% of answerable and {chosen['abstain_unanswerable']}% of unanswerable "
+               f"questions); curve: {plot}")

@@ -27,6 +27,7 @@ def generation(
     limit: Annotated[Optional[int], typer.Option(min=1, help="A fixed, seeded random sample of N questions.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report (with predictions) here.")] = None,
+    abstain_margin: Annotated[Optional[float], typer.Option(min=0.0, help="Override the adapter's calibrated abstention margin (logits).")] = None,
 ) -> None:
     """SQuAD EM/F1 (official normalization, citations stripped) and abstention rates, gold or retrieval context."""
     from app.container import build_generator
@@ -38,6 +39,8 @@ def generation(
     settings = load_settings()
     if adapter is not None:
         settings = settings.model_copy(update={"adapter": None if adapter.lower() == "none" else adapter})
+    if abstain_margin is not None:
+        settings = settings.model_copy(update={"abstain_margin": abstain_margin})
     articles, items = ev.load_eval_items(data, limit, seed)
     try:
         generator = build_generator(settings, strict=True)
@@ -57,7 +60,7 @@ def generation(
     summary = {**summary, "mode": mode, "data": str(data), "limit": limit, "seed": seed,
                "adapter": getattr(generator, "adapter_name", None), "generator_model": settings.generator_model,
                "top_k": settings.top_k if mode == "retrieval" else 1, "context_window": settings.context_window,
-               "max_new_tokens": settings.max_new_tokens}
+               "max_new_tokens": settings.max_new_tokens, "abstain_margin": generator.abstain_margin}
     typer.echo(json.dumps(summary, indent=2))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

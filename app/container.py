@@ -290,7 +290,17 @@ def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
                             torch_dtype=settings.torch_dtype, device=settings.device, adapter_path=adapter_path,
                             merge_adapter=settings.merge_adapter)
     loaded.adapter_name = label
+    loaded.abstain_margin = abstain_margin(settings, adapter_path)
     return loaded
+
+
+def abstain_margin(settings: Settings, adapter_path: str | None) -> float:
+    """The explicit setting, else the adapter's calibrated margin (``rag adapters calibrate``), else 0."""
+    from generation.adapters import read_metadata
+
+    if settings.abstain_margin is not None:
+        return settings.abstain_margin
+    return float(read_metadata(adapter_path).get("abstain_margin", 0.0)) if adapter_path else 0.0
 
 
 def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str, str]:

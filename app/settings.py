@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     )
     adapters_dir: Path = Field(REPO_ADAPTERS, description="Adapter registry (default: the repo's adapters/).")
     merge_adapter: bool = False
+    abstain_margin: float | None = Field(
+        None, ge=0.0,
+        description="Logits \"I don't know.\" must win by on the first answer token; unset: the adapter's "
+                    "calibrated value (its metadata), 0 for the base model.")
     adapter_cache_size: int = Field(2, ge=1, description="Adapters other than the default kept loaded (LRU).")
     generation_timeout_s: float = Field(120.0, gt=0)
     max_concurrent_generations: int = Field(1, ge=1)

@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from generation.loading import LoadedGenerator
-from generation.prompt import CITATION_RE, PackedPrompt, stop_token_ids
+from generation.prompt import ABSTAIN_ANSWER, CITATION_RE, PackedPrompt, stop_token_ids
 
 
 @dataclass
@@ -18,6 +19,36 @@ class GenerationResult:
     n_new_tokens: int
     finish_reason: str = "stop"  # "stop" (end of turn), "length" (max_new_tokens) or "timeout"
     elapsed_s: float = 0.0
+    abstain_preference: float | None = None  # first-token logit of the abstention minus the best other one
+
+
+def abstain_token_id(tokenizer) -> int:
+    """The first token of :data:`ABSTAIN_ANSWER` as the model writes it at the start of its answer."""
+    return tokenizer(ABSTAIN_ANSWER, add_special_tokens=False).input_ids[0]
+
+
+class AbstainMargin(LogitsProcessor):
+    """On the first answer token only: records how much the model prefers to start the abstention
+    (its logit minus the best other token's) and lowers that logit by ``margin``.
+
+    Greedy decoding then abstains only when the model preferred it by more than ``margin``: the
+    generative form of SQuAD 2.0's null-score threshold, calibrated per adapter on held-out questions.
+    """
+
+    def __init__(self, token_id: int, margin: float, prompt_length: int) -> None:
+        self.token_id, self.margin, self.prompt_length = token_id, margin, prompt_length
+        self.preference: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_length:  # (batch=1, length)
+            return scores
+        row = scores[0]
+        others = torch.cat([row[: self.token_id], row[self.token_id + 1:]])
+        self.preference = float(row[self.token_id] - others.max())
+        if self.margin:
+            scores = scores.clone()
+            scores[:, self.token_id] -= self.margin
+        return scores
 
 
 def generate_answer(
@@ -26,10 +57,13 @@ def generate_answer(
     *,
     max_new_tokens: int,
     timeout_s: float | None = None,
+    abstain_margin: float | None = None,
 ) -> GenerationResult:
     """Greedy-decode an answer to ``packed``; stops at EOS / end of turn, ``max_new_tokens`` or ``timeout_s``.
 
-    On timeout the text generated so far is returned with ``finish_reason="timeout"``.
+    ``abstain_margin`` (default: the generator's calibrated one) is what the abstention must win by on
+    the first token (see :class:`AbstainMargin`). On timeout the text generated so far is returned with
+    ``finish_reason="timeout"``.
     """
     if packed.n_tokens + max_new_tokens > loaded.context_window:
         raise ValueError(
@@ -41,6 +75,8 @@ def generate_answer(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     input_ids = torch.tensor([packed.input_ids], dtype=torch.long, device=device)  # (1, n_prompt)
+    margin = loaded.abstain_margin if abstain_margin is None else abstain_margin
+    abstain = AbstainMargin(abstain_token_id(tokenizer), margin, input_ids.shape[1])
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -57,6 +93,7 @@ def generate_answer(
             eos_token_id=stops,
             pad_token_id=pad_id,
             max_time=timeout_s,
+            logits_processor=LogitsProcessorList([abstain]),
         )
     elapsed = time.perf_counter() - start
     new_ids = output[0, input_ids.shape[1]:].tolist()  # (n_new,), end-of-turn token included
@@ -77,6 +114,7 @@ def generate_answer(
         n_new_tokens=n_new,
         finish_reason=finish_reason,
         elapsed_s=elapsed,
+        abstain_preference=abstain.preference,
     )
 
 

@@ -98,6 +98,9 @@ class LoadedGenerator:
     rope_scaling: dict[str, Any] | None
     quantization: str
     adapter_path: str | None
+    # Logits the abstention must win by on the first answer token (see generate.AbstainMargin);
+    # calibrated per adapter (its metadata), 0 for the base model.
+    abstain_margin: float = 0.0
 
 
 def bnb_config(quantization: Quantization, device: str) -> Any:

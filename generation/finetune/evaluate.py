@@ -144,19 +144,24 @@ def retrieval_contexts(retrieve: Callable[[str, int], list[ContextChunk]], top_k
 
 
 def evaluate_items(generator: Any, items: Sequence[Item], contexts: Contexts, *, max_new_tokens: int,
-                   timeout_s: float | None, desc: str = "generate") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate an answer for every item and score it; (summary, per-question records)."""
+                   timeout_s: float | None, desc: str = "generate",
+                   abstain_margin: float | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate an answer for every item and score it; (summary, per-question records).
+
+    ``abstain_margin`` overrides the generator's calibrated one (see generation.generate.AbstainMargin).
+    """
     records = []
     started = time.perf_counter()
     with tqdm(items, desc=desc, unit="q") as bar:
         for item in bar:
             packed = pack_prompt(generator.tokenizer, item.qa.question, contexts(item),
                                  context_window=generator.context_window, max_new_tokens=max_new_tokens)
-            result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+            result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                                     abstain_margin=abstain_margin)
             record = score_prediction(result.text, item.qa)
             record.update(prompt_tokens=packed.n_tokens, chunks=len(packed.chunks),
                           gold_in_context=_holds_answer(packed.chunks, item.qa),
-                          seconds=round(result.elapsed_s, 2))
+                          seconds=round(result.elapsed_s, 2), abstain_preference=result.abstain_preference)
             records.append(record)
             summary = summarize(records)
             bar.set_postfix(f1=summary["f1"], em=summary["em"])
@@ -177,3 +182,64 @@ def _holds_answer(chunks: Sequence[ContextChunk], qa: QA) -> bool:
 def load_eval_items(path: Path, limit: int | None, seed: int) -> tuple[list[Article], list[Item]]:
     articles = load_articles([path])
     return articles, sample_items(items_of(articles), limit, seed)
+
+
+# --- abstention calibration ----------------------------------------------------------------------
+
+NEVER_ABSTAIN = 1e4  # a margin no first-token preference reaches
+
+
+def abstention_curve(records: Sequence[dict[str, Any]], margins: Sequence[float]) -> list[dict[str, Any]]:
+    """Scores at each margin, from one run that never abstained (``NEVER_ABSTAIN``).
+
+    Greedy decoding abstains exactly when the first-token preference exceeds the margin (the abstention's
+    first token then wins; the model completes "I don't know." after it), and otherwise writes the answer
+    recorded in that run, so every margin is scored without generating again.
+    """
+    curve = []
+    for margin in margins:
+        rescored = []
+        for record in records:
+            abstains = record["abstain_preference"] is not None and record["abstain_preference"] > margin
+            if abstains:
+                rescored.append({**record, "abstained": True, "em": float(not record["answerable"]),
+                                 "f1": float(not record["answerable"])})
+            else:
+                rescored.append(record)
+        curve.append({"margin": margin, **summarize(rescored)})
+    return curve
+
+
+def choose_margin(curve: Sequence[dict[str, Any]], max_abstain_answerable: float) -> dict[str, Any]:
+    """The margin with the best F1 over all questions (SQuAD 2.0 scoring) whose abstention on answerable
+    questions stays within ``max_abstain_answerable`` percent (the largest margin if none does)."""
+    allowed = [row for row in curve if (row["abstain_answerable"] or 0.0) <= max_abstain_answerable]
+    if not allowed:
+        return max(curve, key=lambda row: row["margin"])
+    return max(allowed, key=lambda row: (row.get("f1_all", row["f1"]) or 0.0, -row["margin"]))
+
+
+def plot_abstention(curve: Sequence[dict[str, Any]], chosen: dict[str, Any], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    margins = [row["margin"] for row in curve]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(margins, [row["f1"] for row in curve], "o-", ms=3, label="F1, answerable questions")
+    if curve[0].get("f1_all") is not None:
+        ax.plot(margins, [row["f1_all"] for row in curve], "o-", ms=3, label="F1, all (SQuAD 2.0 scoring)")
+        ax.plot(margins, [row["abstain_unanswerable"] for row in curve], "s--", ms=3,
+                label="abstains on unanswerable, %")
+    ax.plot(margins, [row["abstain_answerable"] for row in curve], "^--", ms=3, label="abstains on answerable, %")
+    ax.axvline(chosen["margin"], color="grey", lw=1, ls=":", label=f"chosen margin {chosen['margin']}")
+    ax.set_xlabel("abstention margin (logits)")
+    ax.set_ylabel("%")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -72,3 +72,39 @@ def test_prompt_plus_new_tokens_must_fit_the_window(scaled) -> None:
     packed = pack_prompt(scaled.tokenizer, "Q?", [], context_window=scaled.context_window, max_new_tokens=8)
     with pytest.raises(ValueError, match="context window"):
         generate_answer(scaled, packed, max_new_tokens=scaled.context_window)
+
+
+def test_abstain_margin_shifts_only_the_first_token_and_records_the_preference() -> None:
+    import torch
+
+    from generation.generate import AbstainMargin
+
+    processor = AbstainMargin(token_id=3, margin=2.0, prompt_length=5)
+    scores = torch.tensor([[0.0, 1.0, 0.5, 4.0, 2.0]])
+    shifted = processor(torch.zeros((1, 5), dtype=torch.long), scores)
+    assert processor.preference == 2.0 and shifted[0, 3] == 2.0 and scores[0, 3] == 4.0
+    later = processor(torch.zeros((1, 6), dtype=torch.long), scores)
+    assert later is scores and processor.preference == 2.0  # the second token is left alone
+
+
+def test_abstain_token_is_the_first_answer_token_the_model_is_trained_on(smol_tokenizer) -> None:
+    from generation.generate import abstain_token_id
+    from generation.prompt import ABSTAIN_ANSWER, ContextChunk, build_training_text, pack_prompt
+
+    packed = pack_prompt(smol_tokenizer, "Who?", [ContextChunk(text="Nobody here.", chunk_id="c", document_id="d")],
+                         context_window=512, max_new_tokens=16)
+    _, labels = build_training_text(smol_tokenizer, packed, ABSTAIN_ANSWER)
+    assert next(t for t in labels if t != -100) == abstain_token_id(smol_tokenizer)
+
+
+def test_generation_records_the_preference_and_a_huge_margin_never_abstains(scaled) -> None:
+    from generation.finetune.evaluate import NEVER_ABSTAIN
+    from generation.generate import abstain_token_id
+    from generation.prompt import ContextChunk, pack_prompt
+
+    packed = pack_prompt(scaled.tokenizer, "Who?", [ContextChunk(text="Nobody.", chunk_id="c", document_id="d")],
+                         context_window=scaled.context_window, max_new_tokens=4)
+    result = generate_answer(scaled, packed, max_new_tokens=4, abstain_margin=NEVER_ABSTAIN)
+    assert isinstance(result.abstain_preference, float)
+    first = scaled.tokenizer(result.text, add_special_tokens=False).input_ids[:1]
+    assert first != [abstain_token_id(scaled.tokenizer)]

@@ -58,3 +58,19 @@ def test_limit_sample_is_fixed_and_model_independent() -> None:
     first = sample_items(items, 10, seed=0)
     assert [i.qa.qid for i in first] == [i.qa.qid for i in sample_items(list(reversed(items))[::-1], 10, seed=0)]
     assert len(first) == 10 and [i.qa.qid for i in first] != [i.qa.qid for i in sample_items(items, 10, seed=1)]
+
+
+def test_abstention_curve_rescores_one_never_abstaining_run():
+    from generation.finetune.evaluate import abstention_curve, choose_margin
+
+    def rec(answerable, f1, preference):
+        return {"answerable": answerable, "abstained": False, "em": f1, "f1": f1, "abstain_preference": preference}
+
+    records = [rec(True, 1.0, -3.0), rec(True, 0.0, 1.5), rec(False, 0.0, 2.5), rec(False, 0.0, 0.5)]
+    curve = {row["margin"]: row for row in abstention_curve(records, [0.0, 1.0, 2.0, 3.0])}
+    assert curve[0.0]["abstain_answerable"] == 50.0 and curve[0.0]["abstain_unanswerable"] == 100.0
+    assert curve[2.0]["abstain_answerable"] == 0.0 and curve[2.0]["abstain_unanswerable"] == 50.0
+    assert curve[3.0]["f1"] == 50.0 and curve[3.0]["f1_all"] == 25.0
+    # margin 0 scores best over all questions but abstains on half the answerable ones: the cap rules it out
+    assert choose_margin(list(curve.values()), max_abstain_answerable=10.0)["margin"] == 2.0
+    assert choose_margin(list(curve.values()), max_abstain_answerable=60.0)["margin"] == 0.0
