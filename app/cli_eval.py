@@ -78,7 +78,7 @@ def chunking(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     cache: Annotated[bool, typer.Option(help="Reuse indexes cached under .cache/eval (else throwaway ones).")] = True,
 ) -> None:
-    """Semantic chunker vs fixed-size windows (same size and overlap): answer recall@1/5/10 on SQuAD articles."""
+    """Semantic chunker vs fixed-size windows (same size and overlap): answer recall@1/3/5/10 on SQuAD articles."""
     from retrieval.chunking_eval import evaluate_chunking, format_chunking
 
     settings = load_settings()

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
 
     # --- retrieval -----------------------------------------------------------------------------
-    top_k: int = Field(5, ge=1, le=50)
+    top_k: int = Field(3, ge=1, le=50)  # the small embedded generator reads 3 chunks best (README, Adapters)
     candidates: int = Field(50, ge=1, le=1000, description="Candidates each retriever hands to fusion.")
     fusion: Literal["convex", "rrf"] = "convex"
     fusion_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the dense score in convex fusion.")

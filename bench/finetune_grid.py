@@ -1,10 +1,12 @@
-"""Equal-budget LoRA grid (learning rate, rank, batch): each point trains for the same wall-clock minutes.
+"""Equal-budget LoRA grid (learning rate, rank, batch): every point trains on the same number of rows.
 
-Every point runs `rag train` on the committed config with overrides, into a scratch registry, and is
-compared on the held-out validation articles (answer-token loss and teacher-forced exact answers, from
-the run's metadata) and, optionally, on SQuAD EM / F1 of a gold-mode sample of a dev file.
+The budget is rows (contexts with their questions), not minutes: the machine is shared, so equal
+minutes would give unequal work. Every point runs `rag train` on the committed config with overrides
+(a step-based cosine schedule over rows / (batch x accumulation) steps), into a scratch registry, and is
+compared on the held-out validation articles (answer-token loss, teacher-forced exact answers) and on
+SQuAD EM / F1 and abstention of a fixed gold-mode sample of a dev file.
 
-    python bench/finetune_grid.py --minutes 8 --eval-data ../shared/data/squad/dev-v1.1.json --eval-limit 60
+    python bench/finetune_grid.py --rows 24 --eval-data ../shared/data/squad/dev-v1.1.json --eval-limit 60
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ POINTS = {  # name -> overrides of the committed config
     "lr2e-4_r16_ga2": {"learning_rate": 2e-4},
     "lr1e-3_r16_ga2": {"learning_rate": 1e-3},
     "lr5e-4_r8_ga2": {"r": 8, "lora_alpha": 16},
-    "lr5e-4_r32_ga2": {"r": 32, "lora_alpha": 64},
     "lr5e-4_r16_ga4": {"grad_accumulation": 4},
+    "lr5e-4_r32_ga2": {"r": 32, "lora_alpha": 64},
 }
 
 
@@ -35,7 +37,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--rows", type=int, default=24, help="training rows per point")
     parser.add_argument("--points", nargs="*", default=list(POINTS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-data", type=Path)
@@ -48,8 +50,10 @@ def main() -> None:
         if point in results:
             continue
         name = f"grid-{point}"
-        sets = {**POINTS[point], "name": name, "time_budget_minutes": args.minutes, "num_threads": args.threads,
-                "eval_steps": 1000}
+        overrides = POINTS[point]
+        steps = args.rows // overrides.get("grad_accumulation", 2)  # batch_size 1 in the committed config
+        sets = {"lr_scheduler": "cosine", "time_budget_minutes": None, "max_steps": steps, **overrides,
+                "name": name, "num_threads": args.threads, "eval_steps": 1000}
         cmd = [rag, "train", "--config", str(CONFIG), "--registry", str(REGISTRY), "--no-activate"]
         for key, value in sets.items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
@@ -65,7 +69,8 @@ def main() -> None:
             run([rag, "eval", "generation", "--data", str(args.eval_data), "--mode", "gold", "--adapter",
                  str(version), "--limit", str(args.eval_limit), "--json", str(report)], log.with_suffix(".eval.log"))
             scores = json.loads(report.read_text())
-            entry.update({"gold_em": scores["em"], "gold_f1": scores["f1"], "gold_n": scores["n"]})
+            entry.update({"gold_em": scores["em"], "gold_f1": scores["f1"], "gold_n": scores["n"],
+                          "gold_abstain_answerable": scores["abstain_answerable"]})
         results[point] = entry
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(point, json.dumps(entry), flush=True)
@@ -73,12 +78,12 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| point | steps | questions seen | row tok/s | val loss | val answer match | gold EM | gold F1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| point | steps | questions seen | train s | val loss | val answer match | gold EM | gold F1 "
+             "| gold abstain (answerable) |", "|---|---|---|---|---|---|---|---|---|"]
     for point, e in results.items():
-        lines.append(f"| {point} | {e['steps']} | {e['examples_seen']} | {e['row_tokens_per_s']} | "
+        lines.append(f"| {point} | {e['steps']} | {e['examples_seen']} | {e['train_seconds']} | "
                      f"{e['final_eval_loss']:.3f} | {e['final_eval_answer_match']:.3f} | "
-                     f"{e.get('gold_em', '')} | {e.get('gold_f1', '')} |")
+                     f"{e.get('gold_em', '')} | {e.get('gold_f1', '')} | {e.get('gold_abstain_answerable', '')} |")
     return "\n".join(lines)
 
 

@@ -33,7 +33,8 @@ def log(message: str) -> None:
 
 
 def settings() -> Settings:
-    return Settings(_env_file=None, retrieval_tuning=None)
+    """The service's defaults, tuning file included (fusion, alpha and candidates as served)."""
+    return Settings(_env_file=None)
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -167,9 +168,10 @@ def measure(info: dict, n_queries: int, candidates: int, ef_search: int | None) 
             times.append(1000 * (time.perf_counter() - started))
         return times
 
-    plain = HybridRetriever(embedder=embedder, dense=dense, bm25=bm25, candidates=candidates)
-    cached = HybridRetriever(embedder=embedder, dense=dense, bm25=bm25, candidates=candidates,
-                             query_cache=QueryVectorCache(4096))
+    tuned = settings()
+    fusion = dict(fusion=tuned.fusion, alpha=tuned.fusion_alpha, rrf_k=tuned.rrf_k, candidates=candidates)
+    plain = HybridRetriever(embedder=embedder, dense=dense, bm25=bm25, **fusion)
+    cached = HybridRetriever(embedder=embedder, dense=dense, bm25=bm25, query_cache=QueryVectorCache(4096), **fusion)
     run(plain, vector=True)  # warm-up pass
     results = {
         "bm25": percentiles(run(plain, vector=True, method="bm25")),
@@ -209,7 +211,7 @@ def tables(rows: list[dict]) -> str:
         memory.append(f"| {r['n']:,} | {r['bm25_disk_per_chunk']:.0f} | {r['bm25_rss_open_per_chunk']:.0f} / "
                       f"{r['bm25_rss_per_chunk']:.0f} | {r['chroma_disk_per_chunk']:.0f} | {r['chroma_rss_per_chunk']:.0f} |")
     r = rows[-1]
-    head = (f"### Hybrid retrieval latency ({r['dim']}-d, ms, top 10, {r['candidates']} candidates per retriever, convex fusion, "
+    head = (f"### Hybrid retrieval latency ({r['dim']}-d, ms, top 10, {r['candidates']} candidates per retriever, {settings().fusion} fusion, "
             f"{r['queries']} SciFact claims; Chroma HNSW ef_search {r['ef_search'] or 'default (100)'})\n\n")
     return head + "\n".join(latency) + f"\n\n### Memory and disk per chunk ({r['dim']}-d)\n\n" + "\n".join(memory)
 
@@ -243,7 +245,8 @@ def main() -> None:
     body = tables(rows)
     print(body)
     if not args.no_write:
-        update_section("hybrid" if args.dim == DIM else f"hybrid-{args.dim}d", body)
+        name = "hybrid" if args.dim == DIM else f"hybrid-{args.dim}d"
+        update_section(name if candidates == settings().candidates else f"{name}-c{candidates}", body)
 
 
 if __name__ == "__main__":

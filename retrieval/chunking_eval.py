@@ -23,7 +23,7 @@ from ingestion.documents import Chunk, Document
 from retrieval.evaluation import (DEFAULT_CACHE, EvalIndex, embed_queries, eval_retriever, file_digest,
                                   index_key, key_hash, latency_summary, open_index, run_method)
 
-KS = (1, 5, 10)
+KS = (1, 3, 5, 10)
 CHUNKERS = ("semantic", "fixed")
 METHODS = {"hybrid": {}, "bm25": {"method": "bm25"}, "dense": {"method": "dense"}}
 
@@ -134,10 +134,10 @@ def evaluate_chunking(squad: Path, settings: Settings, *, limit: int | None = No
 def format_chunking(report: Mapping[str, Any]) -> str:
     lines = [f"{report['squad']}: {report['articles']} articles as long documents, {report['questions']} questions; "
              f"chunks of at most {report['chunk_max_tokens']} tokens, {report['chunk_overlap_tokens']} overlap",
-             "", "| chunker | chunks | mean tokens | method | recall@1 | recall@5 | recall@10 |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| chunker | chunks | mean tokens | method | recall@1 | recall@3 | recall@5 | recall@10 |",
+             "|---|---|---|---|---|---|---|---|"]
     for kind, entry in report["chunkers"].items():
         for method, m in entry["methods"].items():
             lines.append(f"| {kind} | {entry['chunks']} | {entry['mean_tokens']:.0f} | {method} | {m['recall@1']:.4f} "
-                         f"| {m['recall@5']:.4f} | {m['recall@10']:.4f} |")
+                         f"| {m['recall@3']:.4f} | {m['recall@5']:.4f} | {m['recall@10']:.4f} |")
     return "\n".join(lines)
