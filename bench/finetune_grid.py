@@ -39,8 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=24, help="training rows per point")
     parser.add_argument("--points", nargs="*", default=list(POINTS))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-data", type=Path)
+    parser.add_argument("--abstain-margin", type=float, default=2.25,
+                        help="the same abstention margin for every point (the shipped adapter's)")
     parser.add_argument("--eval-limit", type=int, default=60)
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "finetune" / "grid.json")
     args = parser.parse_args()
@@ -67,14 +70,23 @@ def main() -> None:
         if args.eval_data:
             report = args.out.parent / f"{name}-eval.json"
             run([rag, "eval", "generation", "--data", str(args.eval_data), "--mode", "gold", "--adapter",
-                 str(version), "--limit", str(args.eval_limit), "--json", str(report)], log.with_suffix(".eval.log"))
+                 str(version), "--limit", str(args.eval_limit), "--abstain-margin", str(args.abstain_margin), "--json", str(report)],
+                log.with_suffix(".eval.log"))
             scores = json.loads(report.read_text())
             entry.update({"gold_em": scores["em"], "gold_f1": scores["f1"], "gold_n": scores["n"],
                           "gold_abstain_answerable": scores["abstain_answerable"]})
         results[point] = entry
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(point, json.dumps(entry), flush=True)
-    print(table(results))
+    body = (f"### LoRA grid: every point trains on the same {args.rows} rows (contexts) from the committed config\n\n"
+            + table(results) + f"\n\ngold EM / F1: {args.eval_limit} seeded questions of {args.eval_data}, "
+            f"abstention margin {args.abstain_margin}.")
+    print(body)
+    if not args.no_write:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import update_section
+
+        update_section("finetune-grid", body)
 
 
 def table(results: dict) -> str:
