@@ -87,14 +87,13 @@ def calibrate(
     for "I don't know."; every margin is then scored from it, and the margin with the best SQuAD 2.0 F1
     whose abstention on answerable questions stays under the cap is kept (with a PNG of the curve).
     """
-    import json
     from datetime import datetime, timezone
 
     from app.container import build_generator
-    from generation.adapters import AdapterNotFound, _write_atomic, read_metadata
+    from app.settings import REPO_ROOT
+    from generation.adapters import AdapterNotFound, read_metadata, write_metadata
     from generation.finetune import evaluate as ev
     from generation.finetune.data import load_articles
-    from app.settings import REPO_ROOT
 
     try:
         found = _registry(registry).resolve(ref)
@@ -104,17 +103,16 @@ def calibrate(
     if data is not None:
         articles, source = load_articles([data]), str(data)
     else:
-        files = [REPO_ROOT / f for f in metadata.get("config", {}).get("train_files", [])]
-        titles = set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
-        missing = [str(f) for f in files if not f.is_file()]
-        if not files or not titles or missing:
-            fail(f"{found.label}: no held-out articles to calibrate on ({', '.join(missing) or 'none recorded'}); "
-                 "pass --data")
-        articles = [a for a in load_articles(files) if a.title in titles]
-        source = f"validation articles {sorted(titles)} of {[f.name for f in files]}"
+        try:
+            articles, source = ev.held_out_articles(metadata, REPO_ROOT)
+        except ValueError as exc:
+            fail(f"{found.label}: {exc}; pass --data")
     items = ev.sample_items(ev.items_of(articles), limit, seed=0)
     settings = load_settings().model_copy(update={"adapter": str(found.path), "abstain_margin": ev.NEVER_ABSTAIN})
-    generator = build_generator(settings, strict=True)
+    try:
+        generator = build_generator(settings, strict=True)
+    except (LookupError, ValueError) as exc:
+        fail(str(exc))
     _, records = ev.evaluate_items(generator, items, ev.gold_contexts, max_new_tokens=settings.max_new_tokens,
                                    timeout_s=settings.generation_timeout_s, desc="calibrate")
     margins = [round(0.25 * i, 2) for i in range(41)]  # 0 .. 10 logits
@@ -130,7 +128,7 @@ def calibrate(
     metadata["abstain_calibration"] = {
         "data": source, "questions": len(items), "max_abstain_answerable": max_abstain_answerable,
         "chosen": chosen, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "plot": plot.name}
-    _write_atomic(found.path / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    write_metadata(found.path, metadata)
     typer.echo(f"{found.label}: abstain_margin = {chosen['margin']} (F1 {chosen['f1']}, abstains on "
                f"{chosen['abstain_answerable']}% of answerable and {chosen['abstain_unanswerable']}% of unanswerable "
                f"questions); curve: {plot}")

@@ -278,10 +278,10 @@ def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
     if strict is None:
         strict = "adapter" in settings.model_fields_set
     model = resolve_generator_model(settings.generator_model, settings.models_path)
-    adapter_path, label = None, None
+    adapter_path, label, metadata = None, None, {}
     if settings.adapter:
         try:
-            adapter_path, label = resolve_adapter(settings, settings.adapter, model)
+            adapter_path, label, metadata = resolve_adapter(settings, settings.adapter, model)
         except (AdapterNotFound, AdapterMismatch) as exc:
             if strict:
                 raise
@@ -290,21 +290,14 @@ def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
                             torch_dtype=settings.torch_dtype, device=settings.device, adapter_path=adapter_path,
                             merge_adapter=settings.merge_adapter)
     loaded.adapter_name = label
-    loaded.abstain_margin = abstain_margin(settings, adapter_path)
+    # the explicit setting, else the adapter's calibrated margin (`rag adapters calibrate`), else 0
+    loaded.abstain_margin = (settings.abstain_margin if settings.abstain_margin is not None
+                             else float(metadata.get("abstain_margin", 0.0)))
     return loaded
 
 
-def abstain_margin(settings: Settings, adapter_path: str | None) -> float:
-    """The explicit setting, else the adapter's calibrated margin (``rag adapters calibrate``), else 0."""
-    from generation.adapters import read_metadata
-
-    if settings.abstain_margin is not None:
-        return settings.abstain_margin
-    return float(read_metadata(adapter_path).get("abstain_margin", 0.0)) if adapter_path else 0.0
-
-
-def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str, str]:
-    """(folder, label) of an adapter reference, after checking its metadata against the serving settings."""
+def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str, str, dict[str, Any]]:
+    """(folder, label, metadata) of an adapter reference, its metadata checked against the serving settings."""
     from transformers import AutoConfig
 
     from generation.adapters import AdapterNotFound, AdapterRegistry, check_compatible, read_metadata
@@ -326,4 +319,4 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str,
                      context_window=settings.context_window,
                      rope_scaling=rope_scaling_for(native, settings.context_window),
                      prompt_template_version=PROMPT_TEMPLATE_VERSION)
-    return str(folder), label
+    return str(folder), label, metadata

@@ -19,12 +19,12 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"  # ships the trained adapter
 BUNDLED_EMBEDDING_MODEL = "bundled:all-MiniLM-L6-v2"
 BUNDLED_GENERATOR_MODEL = "bundled:SmolLM2-135M-Instruct"
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "xxx"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RETRIEVAL_TUNING = REPO_ROOT / "configs" / "retrieval_tuning.json"
+REPO_ADAPTERS = REPO_ROOT / "adapters"  # ships the trained adapter
 TUNED_FIELDS = ("fusion", "fusion_alpha", "rrf_k", "candidates")  # what a tuning file may set
 
 CommaList = Annotated[list[str], NoDecode]

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import update_section
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train" / "smollm2-squad.yaml"
 REGISTRY = ROOT / ".cache" / "finetune" / "grid-registry"
@@ -83,9 +85,6 @@ def main() -> None:
             f"abstention margin {args.abstain_margin}.")
     print(body)
     if not args.no_write:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from common import update_section
-
         update_section("finetune-grid", body)
 
 

@@ -158,6 +158,11 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
+    """Replace an adapter's metadata.json atomically (a loading service never reads half of it)."""
+    _write_atomic(Path(folder) / METADATA, json.dumps(metadata, indent=2) + "\n")
+
+
 def check_compatible(metadata: dict[str, Any], *, where: str, base_model: str, context_window: int,
                      rope_scaling: dict[str, Any] | None, prompt_template_version: str) -> None:
     """Refuse an adapter trained for other serving settings; the message names both values."""

@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -217,14 +218,6 @@ def eval_retriever(index: EvalIndex, settings: Settings, depth: int) -> HybridRe
                            candidates=depth)
 
 
-def served_fusions(settings: Settings) -> dict[str, tuple[str, Callable[[Any, Any], list]]]:
-    """Both hybrid methods as the service runs them: name -> (fusion, fuse(lexical, dense))."""
-    from retrieval.fusion import convex_fusion, rrf_fusion
-
-    return {"hybrid_convex": ("convex", lambda lex, den: convex_fusion(lex, den, settings.fusion_alpha)),
-            "hybrid_rrf": ("rrf", lambda lex, den: rrf_fusion(lex, den, k=settings.rrf_k))}
-
-
 @dataclass
 class MethodRuns:
     """Everything measured per method: chunk hits, latencies and document-level metrics."""
@@ -237,6 +230,7 @@ class MethodRuns:
 def run_all(index: EvalIndex, settings: Settings, questions: Mapping[str, str], qrels: Qrels,
             vectors: np.ndarray, depth: int) -> MethodRuns:
     """BM25 and dense `depth` deep; the hybrids exactly as served (each side cut to RAG_CANDIDATES)."""
+    from retrieval.fusion import fuse
     from retrieval.tuning import fused_metrics
 
     chunk_document = index.chunk_document
@@ -250,9 +244,11 @@ def run_all(index: EvalIndex, settings: Settings, questions: Mapping[str, str], 
     # hybrid latency: the service's retriever, timed at the service's top_k.
     candidates = min(settings.candidates, depth)
     served = eval_retriever(index, settings, candidates)
-    for name, (fusion, fuse) in served_fusions(settings).items():
+    for fusion in ("convex", "rrf"):
+        name = f"hybrid_{fusion}"
         runs.latencies[name] = run_method(served, questions, vectors, settings.top_k, name, fusion=fusion)[1]
-        runs.metrics[name] = fused_metrics(runs, qrels, chunk_document, candidates, fuse)
+        runs.metrics[name] = fused_metrics(runs, qrels, chunk_document, candidates, partial(
+            fuse, fusion=fusion, alpha=settings.fusion_alpha, rrf_k=settings.rrf_k))
     return runs
 
 

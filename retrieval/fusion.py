@@ -7,8 +7,10 @@ Ties break by id so results are deterministic.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 Ranked = Sequence[tuple[str, float]]
+FusionMethod = Literal["convex", "rrf"]
 
 
 def min_max(hits: Ranked) -> dict[str, float]:
@@ -37,3 +39,10 @@ def rrf_fusion(*rankings: Ranked, k: int = 60) -> list[tuple[str, float]]:
         for rank, (cid, _) in enumerate(ranking, start=1):
             fused[cid] = fused.get(cid, 0.0) + 1.0 / (k + rank)
     return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
+
+
+def fuse(lexical: Ranked, dense: Ranked, *, fusion: FusionMethod, alpha: float, rrf_k: int) -> list[tuple[str, float]]:
+    """The hybrid's fusion step: convex with weight `alpha` on dense, or RRF with `rrf_k`."""
+    if fusion == "rrf":
+        return rrf_fusion(lexical, dense, k=rrf_k)
+    return convex_fusion(lexical, dense, alpha)

@@ -16,9 +16,8 @@ import numpy as np
 
 from retrieval.bm25 import FILTER_FIELDS, BM25Index, Filters
 from retrieval.dense import DenseIndex
-from retrieval.fusion import convex_fusion, rrf_fusion
+from retrieval.fusion import FusionMethod, fuse
 
-FusionMethod = Literal["convex", "rrf"]
 Method = Literal["hybrid", "bm25", "dense"]
 
 
@@ -103,11 +102,8 @@ class HybridRetriever:
             return [Hit(cid, s, bm25_score=s) for cid, s in lexical[:top_k]]
         if method == "dense":
             return [Hit(cid, s, dense_score=s) for cid, s in dense[:top_k]]
-        fusion = fusion or self.fusion
-        if fusion == "rrf":
-            fused = rrf_fusion(lexical, dense, k=self.rrf_k)
-        else:
-            fused = convex_fusion(lexical, dense, self.alpha if alpha is None else alpha)
+        fused = fuse(lexical, dense, fusion=fusion or self.fusion, alpha=self.alpha if alpha is None else alpha,
+                     rrf_k=self.rrf_k)
         lex, den = dict(lexical), dict(dense)
         return [Hit(cid, s, bm25_score=lex.get(cid), dense_score=den.get(cid)) for cid, s in fused[:top_k]]
 

@@ -12,12 +12,13 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.fusion import convex_fusion, rrf_fusion
+from retrieval.fusion import fuse
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -54,9 +55,9 @@ def sweep(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str],
     convex, rrf = [], []
     for n in depths:
         convex += [{"candidates": n, "alpha": a, **fused_metrics(
-            runs, qrels, chunk_document, n, lambda lex, den, a=a: convex_fusion(lex, den, a))} for a in ALPHAS]
+            runs, qrels, chunk_document, n, partial(fuse, fusion="convex", alpha=a, rrf_k=0))} for a in ALPHAS]
         rrf += [{"candidates": n, "k": k, **fused_metrics(
-            runs, qrels, chunk_document, n, lambda lex, den, k=k: rrf_fusion(lex, den, k=k))} for k in RRF_KS]
+            runs, qrels, chunk_document, n, partial(fuse, fusion="rrf", alpha=0.0, rrf_k=k))} for k in RRF_KS]
     return {"convex": convex, "rrf": rrf}
 
 

@@ -189,6 +189,20 @@ def load_eval_items(path: Path, limit: int | None, seed: int) -> tuple[list[Arti
 NEVER_ABSTAIN = 1e4  # a margin no first-token preference reaches
 
 
+def held_out_articles(metadata: dict[str, Any], root: Path) -> tuple[list[Article], str]:
+    """(articles, description) of an adapter's validation articles, read from its training files.
+
+    Raises ValueError naming what is missing when the metadata records none or a file is absent.
+    """
+    files = [root / f for f in metadata.get("config", {}).get("train_files", [])]
+    titles = set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or not titles or missing:
+        raise ValueError(f"no held-out articles to calibrate on ({', '.join(missing) or 'none recorded'})")
+    articles = [a for a in load_articles(files) if a.title in titles]
+    return articles, f"validation articles {sorted(titles)} of {[f.name for f in files]}"
+
+
 def abstention_curve(records: Sequence[dict[str, Any]], margins: Sequence[float]) -> list[dict[str, Any]]:
     """Scores at each margin, from one run that never abstained (``NEVER_ABSTAIN``).
 
