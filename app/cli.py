@@ -157,17 +157,25 @@ def query(
             generation=services.generation.generation, generator=services.generator,
             provenance=services.provenance(), top_k=top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s, alpha=alpha,
+            unsupported=settings.unsupported, scorer=services.reranker,
         )
-        result = {"answer": answer.answer, "citations": [vars(c) for c in answer.citations],
-                  "provenance": answer.provenance, "timings_ms": answer.timings_ms}
+        from app.schemas import QueryResponse
+
+        result = QueryResponse.from_answer(answer).model_dump()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     typer.secho(result["answer"], bold=True)
-    typer.echo("\nSources:")
+    if result.get("abstained"):
+        typer.echo(f"(abstained: {result['abstain_reason']})")
+    elif not result.get("grounded", True):
+        typer.secho(f"(not grounded: the cited chunks do not support this answer; score "
+                    f"{result['grounding_score']:.2f})", fg="yellow")
+    typer.echo("\nSources:" if not result.get("abstained") else "\nLooked at:")
     for c in result["citations"]:
         where = f"{c['document_id']}" + (f" § {c['section']}" if c["section"] else "")
-        typer.echo(f"  [{c['ref']}] {where}  (score {c['score']:.3f})")
+        mark = "*" if c["ref"] in result.get("cited", []) else " "
+        typer.echo(f" {mark}[{c['ref']}] {where}  (score {c['score']:.3f}, relevance {c.get('relevance', 0):.2f})")
     typer.echo(f"\n{json.dumps(result['timings_ms'])}")
 
 

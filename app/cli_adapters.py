@@ -75,60 +75,122 @@ def rollback(name: Annotated[Optional[str], typer.Argument(help="Adapter name (o
 @adapters_app.command()
 def calibrate(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
-    data: Annotated[Optional[Path], typer.Option(help="SQuAD-format file (default: the adapter's held-out validation "
-                                                      "articles, read from its training files).", exists=True)] = None,
-    limit: Annotated[int, typer.Option(min=20, help="Seeded sample of questions.")] = 240,
-    max_abstain_answerable: Annotated[float, typer.Option(min=0, max=100, help="Cap, percent of answerable questions.")] = 8.0,
+    limit: Annotated[int, typer.Option(min=20, help="Seeded sample of in-corpus questions.")] = 240,
+    out_of_corpus: Annotated[int, typer.Option(min=0, help="Seeded sample of out-of-corpus questions.")] = 120,
+    max_abstain_answerable: Annotated[float, typer.Option(min=0, max=100, help="Cap, percent of answerable questions, in each mode.")] = 10.0,
+    reuse: Annotated[bool, typer.Option(help="Choose again from this adapter's last recorded run with the same "
+                                              "questions and settings (under another cap, say), without generating.")] = False,
     registry: RegistryOption = None,
 ) -> None:
-    """Choose the abstention margin on held-out questions and store it in the adapter's metadata.
+    """Choose when the adapter abstains, on its held-out validation articles, and store it in its metadata.
 
-    One gold-context run that never abstains records each question's answer and first-token preference
-    for "I don't know."; every margin is then scored from it, and the margin with the best SQuAD 2.0 F1
-    whose abstention on answerable questions stays under the cap is kept (with a PNG of the curve).
+    One run through the serving path, with the gate open and abstention off, records every question's
+    grounding signals: validation questions (answerable and SQuAD 2.0 unanswerable) against an index of
+    all training articles and, again, with their own paragraph (gold mode: a question worded unlike its
+    document must still get through), and out-of-corpus ones against an index without their article. Every
+    combination of abstention margin and grounding thresholds is scored from it; the best SQuAD 2.0 F1
+    (out-of-corpus questions count as unanswerable) whose abstention on answerable questions stays under
+    the cap is stored (metadata: abstain_margin, grounding), with a PNG of the sweeps.
     """
+    import json
     from datetime import datetime, timezone
 
-    from app.container import build_generator
     from app.settings import REPO_ROOT
     from generation.adapters import AdapterNotFound, read_metadata, write_metadata
+    from generation.finetune import calibrate as cal
     from generation.finetune import evaluate as ev
-    from generation.finetune.data import load_articles
 
     try:
         found = _registry(registry).resolve(ref)
     except AdapterNotFound as exc:
         fail(str(exc))
     metadata = read_metadata(found.path)
-    if data is not None:
-        articles, source = load_articles([data]), str(data)
+    try:
+        held_out, corpus, source = cal.held_out_articles(metadata, REPO_ROOT)
+    except ValueError as exc:
+        fail(f"{found.label}: {exc}")
+    held_titles = {a.title for a in held_out}
+    items = ev.items_of(held_out)
+    inside = ev.sample_items(items, limit, seed=0)
+    outside = ev.sample_items(items, out_of_corpus, seed=1) if out_of_corpus else []
+    settings = load_settings().model_copy(update={"adapter": str(found.path)})
+    cache = REPO_ROOT / ".cache" / "finetune"
+    records_path = cache / "calibration" / f"{found.label.replace('@', '-')}.json"
+    recorded_with = {"adapter": found.label, "questions": [limit, out_of_corpus], "modes": ["retrieval", "gold"],
+                     "top_k": settings.top_k,
+                     "embedding_model": settings.embedding_model, "reranker": settings.reranker,
+                     "max_new_tokens": settings.max_new_tokens, "source": source}
+    if reuse:
+        saved = json.loads(records_path.read_text()) if records_path.is_file() else {}
+        if saved.get("recorded_with") != recorded_with:
+            fail(f"--reuse: {records_path} holds no run with these questions and settings "
+                 f"({saved.get('recorded_with')} != {recorded_with}); run without --reuse")
+        records, reranker_name = saved["records"], saved.get("reranker_name")
     else:
-        try:
-            articles, source = ev.held_out_articles(metadata, REPO_ROOT)
-        except ValueError as exc:
-            fail(f"{found.label}: {exc}; pass --data")
-    items = ev.sample_items(ev.items_of(articles), limit, seed=0)
-    settings = load_settings().model_copy(update={"adapter": str(found.path), "abstain_margin": ev.NEVER_ABSTAIN})
+        records, reranker_name = _calibration_run(settings, metadata, corpus, held_titles, inside, outside)
+        records_path.parent.mkdir(parents=True, exist_ok=True)  # for --reuse and bench/grounding_signals.py
+        records_path.write_text(json.dumps({"recorded_with": recorded_with, "reranker_name": reranker_name,
+                                            "records": records}) + "\n")
+    chosen = cal.search(records, items, max_abstain_answerable)
+    curves = cal.sweeps(records, items, chosen["thresholds"], chosen["abstain_margin"])
+    plot = found.path / "grounding_calibration.png"
+    cal.plot_calibration(curves, chosen, f"{found.label}: grounding on {len(records)} held-out questions "
+                         f"(retrieval, top {settings.top_k})", plot)
+    summary = chosen["summary"]
+    metadata["abstain_margin"] = chosen["abstain_margin"]
+    metadata.pop("abstain_calibration", None)  # the margin-only calibration of earlier versions
+    metadata["grounding"] = {
+        "thresholds": chosen["thresholds"].as_dict(), "abstain_margin": chosen["abstain_margin"],
+        "embedding_model": settings.embedding_model, "top_k": settings.top_k,
+        "reranker": reranker_name,
+        "data": source, "questions": {"in_corpus": len(inside), "out_of_corpus": len(outside)},
+        "max_abstain_answerable": max_abstain_answerable, "summary": summary,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "plot": plot.name}
+    write_metadata(found.path, metadata)
+    typer.echo(f"{found.label}: abstain_margin {chosen['abstain_margin']}, thresholds "
+               f"{chosen['thresholds'].as_dict()}")
+    for mode, part in summary.get("by_mode", {"retrieval": summary}).items():
+        typer.echo(f"  {mode}: F1 {part['f1']}; abstains on {part['abstain_answerable']}% of answerable, "
+                   f"{part['abstain_unanswerable']}% of unanswerable and {part['abstain_out_of_corpus']}% of "
+                   f"out-of-corpus questions; citation precision {part['citation_precision']}%")
+    typer.echo(f"  pooled SQuAD 2.0 F1 {summary['f1_pooled']}; curves: {plot}")
+
+
+def _calibration_run(settings, metadata: dict, corpus: list, held_titles: set, inside: list, outside: list) -> tuple:
+    """(records, reranker name) of one retrieval-mode run with the gate open and abstention off: ``inside``
+    questions against an index of the whole training corpus, ``outside`` ones against it less their articles."""
+    from app.container import build_generator, build_reranker
+    from app.settings import REPO_ROOT
+    from generation.finetune import calibrate as cal
+    from generation.finetune import evaluate as ev
+    from generation.finetune.data import corpus_index, file_digest, retriever_of
+
     try:
         generator = build_generator(settings, strict=True)
+        scorer = build_reranker(settings)
     except (LookupError, ValueError) as exc:
         fail(str(exc))
-    _, records = ev.evaluate_items(generator, items, ev.gold_contexts, max_new_tokens=settings.max_new_tokens,
-                                   timeout_s=settings.generation_timeout_s, desc="calibrate")
-    margins = [round(0.25 * i, 2) for i in range(41)]  # 0 .. 10 logits
-    curve = ev.abstention_curve(records, margins)
-    chosen = ev.choose_margin(curve, max_abstain_answerable)
-    for row in curve:
-        typer.echo(f"margin {row['margin']:5.2f}  F1 {row['f1']:5.1f}  F1 all {row.get('f1_all') or 0:5.1f}  "
-                   f"abstain answerable {row['abstain_answerable'] or 0:5.1f}%  "
-                   f"unanswerable {row['abstain_unanswerable'] or 0:5.1f}%")
-    plot = found.path / "abstention_calibration.png"
-    ev.plot_abstention(curve, chosen, f"{found.label}: abstention margin on {len(items)} held-out questions", plot)
-    metadata["abstain_margin"] = chosen["margin"]
-    metadata["abstain_calibration"] = {
-        "data": source, "questions": len(items), "max_abstain_answerable": max_abstain_answerable,
-        "chosen": chosen, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "plot": plot.name}
-    write_metadata(found.path, metadata)
-    typer.echo(f"{found.label}: abstain_margin = {chosen['margin']} (F1 {chosen['f1']}, abstains on "
-               f"{chosen['abstain_answerable']}% of answerable and {chosen['abstain_unanswerable']}% of unanswerable "
-               f"questions); curve: {plot}")
+    files = [REPO_ROOT / f for f in metadata["config"]["train_files"]]
+    run = dict(max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s,
+               abstain_margin=cal.NEVER_ABSTAIN, thresholds=cal.OPEN, unsupported="flag", scorer=scorer)
+    records: list = []
+    for questions, articles, in_corpus, desc in (
+            (inside, corpus, True, "calibrate: in corpus"),
+            (outside, [a for a in corpus if a.title not in held_titles], False, "calibrate: out of corpus")):
+        if not questions:
+            continue
+        index = corpus_index(articles, settings, file_digest(files), REPO_ROOT / ".cache" / "finetune")
+        try:
+            contexts = ev.retrieval_contexts(retriever_of(index), settings.top_k)
+            _, part = ev.evaluate_items(generator, questions, contexts, desc=desc,
+                                        in_corpus=lambda item, flag=in_corpus: flag,
+                                        term_weights=index.services.bm25.idf, **run)
+            if in_corpus:  # the same questions with their own paragraph: the gate must let paraphrases through
+                gold_contexts = ev.scored_gold_contexts(index.services.embedder)
+                _, gold = ev.evaluate_items(generator, questions, gold_contexts, desc="calibrate: gold paragraph",
+                                            term_weights=index.services.bm25.idf, **run)
+                part += [{**record, "mode": "gold"} for record in gold]
+        finally:
+            index.close()
+        records += part
+    return records, getattr(scorer, "name", None)

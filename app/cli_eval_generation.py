@@ -28,14 +28,26 @@ def generation(
     seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report (with predictions) here.")] = None,
     abstain_margin: Annotated[Optional[float], typer.Option(min=0.0, help="Override the adapter's calibrated abstention margin (logits).")] = None,
+    corpus: Annotated[Optional[list[Path]], typer.Option(help="Retrieval mode: index these SQuAD-format files' articles "
+                                                          "instead of --data's; questions whose article is not among "
+                                                          "them are out of corpus (repeatable).", exists=True, dir_okay=False)] = None,
+    unsupported: Annotated[Optional[str], typer.Option(help="abstain or flag (default RAG_UNSUPPORTED).")] = None,
 ) -> None:
-    """SQuAD EM/F1 (official normalization, citations stripped) and abstention rates, gold or retrieval context."""
-    from app.container import build_generator
+    """SQuAD EM/F1 (official normalization, citations stripped), abstention and citation checks, as /query answers.
+
+    Reports em, f1, abstain_answerable / _unanswerable / _out_of_corpus, citation_valid, citation_precision
+    and unsupported_rate (generation/finetune/evaluate.py says how each is counted).
+    """
+    from app.container import build_generator, build_reranker
     from generation.finetune import evaluate as ev
-    from generation.finetune.data import corpus_index, file_digest, retriever_of
+    from generation.finetune.data import corpus_index, file_digest, load_articles, retriever_of
 
     if mode not in ("gold", "retrieval"):
         fail(f"--mode: expected gold or retrieval, got {mode!r}")
+    if corpus and mode != "retrieval":
+        fail("--corpus needs --mode retrieval (gold mode gives each question its own paragraph)")
+    if unsupported not in (None, "abstain", "flag"):
+        fail(f"--unsupported: expected abstain or flag, got {unsupported!r}")
     settings = load_settings()
     if adapter is not None:
         settings = settings.model_copy(update={"adapter": None if adapter.lower() == "none" else adapter})
@@ -44,23 +56,32 @@ def generation(
     articles, items = ev.load_eval_items(data, limit, seed)
     try:
         generator = build_generator(settings, strict=True)
+        scorer = build_reranker(settings)
     except (LookupError, ValueError) as exc:
         fail(str(exc))
-    index = None
-    contexts = ev.gold_contexts
+    # Gold mode indexes --data's articles too: relevance weighs the question's terms by the index's idf
+    corpus_articles = articles if not corpus else list({a.title: a for a in load_articles(corpus)}.values())
+    indexed = {a.title for a in corpus_articles}
+    index = corpus_index(corpus_articles, settings, file_digest(corpus or [data]), FINETUNE_CACHE)
+    contexts = ev.scored_gold_contexts(index.services.embedder)
     if mode == "retrieval":
-        index = corpus_index(articles, settings, file_digest([data]), FINETUNE_CACHE)
         contexts = ev.retrieval_contexts(retriever_of(index), settings.top_k)
+    else:
+        indexed = {a.title for a in articles}
     try:
         summary, records = ev.evaluate_items(generator, items, contexts, max_new_tokens=settings.max_new_tokens,
-                                             timeout_s=settings.generation_timeout_s, desc=f"{mode}")
+                                             timeout_s=settings.generation_timeout_s, desc=f"{mode}",
+                                             unsupported=unsupported or settings.unsupported,
+                                             in_corpus=lambda item: item.article.title in indexed, scorer=scorer,
+                                             term_weights=index.services.bm25.idf)
     finally:
-        if index is not None:
-            index.close()
+        index.close()
     summary = {**summary, "mode": mode, "data": str(data), "limit": limit, "seed": seed,
                "adapter": getattr(generator, "adapter_name", None), "generator_model": settings.generator_model,
                "top_k": settings.top_k if mode == "retrieval" else 1, "context_window": settings.context_window,
-               "max_new_tokens": settings.max_new_tokens, "abstain_margin": generator.abstain_margin}
+               "max_new_tokens": settings.max_new_tokens, "abstain_margin": generator.abstain_margin,
+               "grounding": generator.grounding.as_dict(), "reranker": getattr(scorer, "name", None), "unsupported": unsupported or settings.unsupported,
+               "corpus": [str(c) for c in corpus or []]}
     typer.echo(json.dumps(summary, indent=2))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -14,23 +14,21 @@ from app.settings import REPO_ROOT
 FINETUNE_CACHE = REPO_ROOT / ".cache" / "finetune"
 
 
+train_app = typer.Typer(help="Train the generator's adapter (rag train --config ...) or the reranker "
+                                 "(rag train reranker --config ...).", invoke_without_command=True)
+ConfigOption = Annotated[Optional[Path], typer.Option(help="Training config (YAML).", exists=True, dir_okay=False)]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: key=YAML value.")]
+ActivateOption = Annotated[bool, typer.Option(help="Make the new version the active one of its name.")]
+
+
 def register(cli: typer.Typer) -> None:
-    cli.command("train")(train)
+    cli.add_typer(train_app, name="train")
 
 
-def train(
-    config: Annotated[Path, typer.Option(help="Training config (YAML).", exists=True, dir_okay=False)],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: key=YAML value.")] = None,
-    activate: Annotated[bool, typer.Option(help="Make the new version the active one of its name.")] = True,
-    registry: Annotated[Optional[Path], typer.Option(help="Adapter registry (default RAG_ADAPTERS_DIR).")] = None,
-) -> None:
-    """Train a LoRA / QLoRA adapter on RAG prompts built by the service's own retriever; publish it."""
+def _load_config(kind: type, path: Path, set_: list[str] | None) -> tuple[Any, str]:
+    """(the config read from ``path`` with ``--set`` overrides, the text to store beside the trained model)."""
     import yaml
 
-    from generation.finetune.config import TrainConfig
-    from generation.finetune.pipeline import train_from_config
-
-    settings = load_settings()
     overrides = {}
     for item in set_ or []:
         key, sep, value = item.partition("=")
@@ -38,12 +36,33 @@ def train(
             fail(f"--set {item!r}: expected key=value")
         overrides[key.strip()] = yaml.safe_load(value)
     try:
-        train_config = TrainConfig.from_yaml(config, overrides)
+        config = kind.from_yaml(path, overrides)
     except (ValueError, TypeError) as exc:
         fail(str(exc))
-    text = config.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
     if overrides:
         text += "# overrides: " + json.dumps(overrides) + "\n"
+    return config, text
+
+
+@train_app.callback()
+def train(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    activate: ActivateOption = True,
+    registry: Annotated[Optional[Path], typer.Option(help="Adapter registry (default RAG_ADAPTERS_DIR).")] = None,
+) -> None:
+    """Train a LoRA / QLoRA adapter on RAG prompts built by the service's own retriever; publish it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        fail("rag train: --config is required (or: rag train reranker --config ...)")
+    from generation.finetune.config import TrainConfig
+    from generation.finetune.pipeline import train_from_config
+
+    settings = load_settings()
+    train_config, text = _load_config(TrainConfig, config, set_)
     try:
         ref = train_from_config(train_config, settings, root=REPO_ROOT, registry_root=registry or settings.adapters_path,
                                 cache_root=FINETUNE_CACHE, config_text=text, activate=activate,
@@ -51,3 +70,24 @@ def train(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"adapter {ref.label} -> {ref.path}")
+
+
+@train_app.command("reranker")
+def train_reranker(
+    config: Annotated[Path, typer.Option(help="Reranker config (YAML).", exists=True, dir_okay=False)],
+    set_: SetOption = None,
+    activate: ActivateOption = True,
+    registry: Annotated[Optional[Path], typer.Option(help="Reranker registry (default RAG_RERANKERS_DIR).")] = None,
+) -> None:
+    """Train the answerability cross-encoder on pairs the service's own retriever finds; publish it."""
+    from generation.finetune.answerability import RerankerConfig
+    from generation.finetune.answerability import train_reranker as run
+
+    settings = load_settings()
+    reranker_config, text = _load_config(RerankerConfig, config, set_)
+    try:
+        ref = run(reranker_config, settings, root=REPO_ROOT, registry_root=registry or settings.rerankers_path,
+                  cache_root=FINETUNE_CACHE, config_text=text, activate=activate)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"reranker {ref.label} -> {ref.path}")

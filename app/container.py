@@ -89,6 +89,7 @@ class Services:
     chunker: SemanticChunker
     live: LiveIndex | None = None  # None only while building, or when the live generation cannot be opened
     generator: Any = None  # generation.loading.LoadedGenerator once loaded
+    reranker: Any = None  # retrieval.cross_encoder.CrossEncoderScorer (answerability), when configured
     # held by an ingest job for its whole run and by a refresh for its final catch-up and switch
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     switch_pending: threading.Event = field(default_factory=threading.Event)  # set: no new ingest job starts
@@ -218,6 +219,7 @@ class Services:
             "embedding_model": self.settings.embedding_model,
             "generator_model": self.settings.generator_model,
             "adapter": getattr(generator, "adapter_name", None) if generator else None,
+            "reranker": getattr(self.reranker, "name", None),
         }
 
 
@@ -260,6 +262,7 @@ def build_services(settings: Settings, *, load_generator: bool = True, reconcile
             services.indexer().reconcile()
     if load_generator and settings.load_generator:
         services.generator = build_generator(settings)
+        services.reranker = build_reranker(settings)
     return services
 
 
@@ -293,7 +296,48 @@ def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
     # the explicit setting, else the adapter's calibrated margin (`rag adapters calibrate`), else 0
     loaded.abstain_margin = (settings.abstain_margin if settings.abstain_margin is not None
                              else float(metadata.get("abstain_margin", 0.0)))
+    loaded.grounding = grounding_thresholds(settings, metadata)
     return loaded
+
+
+def build_reranker(settings: Settings) -> Any:
+    """The answerability cross-encoder ``settings.reranker`` (registry name[@version] or folder), or None.
+
+    None is the default; a configured one must load (LookupError naming the setting otherwise).
+    """
+    from generation.adapters import AdapterNotFound, AdapterRegistry
+    from ingestion.embedder import resolve_embedding_model
+    from retrieval.cross_encoder import CrossEncoderScorer, read_metadata
+
+    ref = settings.reranker
+    if not ref or ref.lower() == "none":
+        return None
+    try:
+        candidate = Path(ref)
+        if (candidate / "adapter_config.json").is_file():
+            folder, label = candidate, candidate.name
+        else:
+            found = AdapterRegistry(settings.rerankers_path).resolve(ref)
+            folder, label = found.path, found.label
+        metadata = read_metadata(folder)
+        base = resolve_embedding_model(metadata["base_model"])
+    except (AdapterNotFound, FileNotFoundError, KeyError, ValueError) as exc:
+        raise LookupError(f"RAG_RERANKER={ref!r}: not found ({exc}); name a reranker in {settings.rerankers_path} "
+                          "(RAG_RERANKERS_DIR) or a folder, or set RAG_RERANKER=none") from None
+    return CrossEncoderScorer.load(folder, base, name=label, device=settings.device)
+
+
+def grounding_thresholds(settings: Settings, metadata: dict[str, Any]) -> Any:
+    """The adapter's calibrated grounding thresholds (its metadata), each overridden by an explicit setting."""
+    from dataclasses import replace
+
+    from generation.grounding import Thresholds
+
+    calibrated = Thresholds.from_metadata(metadata)
+    overrides = {name: getattr(settings, name) for name in ("relevance_min", "dense_min", "answerability_min",
+                                                            "evidence_min", "support_min", "confidence_min")
+                 if getattr(settings, name) is not None}
+    return replace(calibrated, **overrides)
 
 
 def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str, str, dict[str, Any]]:

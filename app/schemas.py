@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_QUESTION_CHARS = 8000  # hard cap; the configured limit (RAG_MAX_QUESTION_CHARS) is checked in the route
@@ -46,13 +48,18 @@ class QueryRequest(Strict):
 
 
 class Citation(BaseModel):
-    ref: int
+    ref: int = Field(description="[ref] in the answer points at this chunk.")
     chunk_id: str
     document_id: str
     section: str
     source: str
-    score: float
+    score: float = Field(description="Fused retrieval score (1.0: the best hit of this question).")
     text: str
+    relevance: float = Field(0.0, description="Share of the question's content terms found in the chunk.")
+    answerability: float | None = Field(None, description="The answerability cross-encoder's probability that the "
+                                                          "chunk answers the question (null without one).")
+    dense_score: float | None = Field(None, description="Cosine similarity of question and chunk.")
+    supports_answer: bool = Field(False, description="The answer cites this chunk and the chunk supports it.")
 
 
 class Provenance(BaseModel):
@@ -61,6 +68,7 @@ class Provenance(BaseModel):
     embedding_model: str
     generator_model: str
     adapter: str | None
+    reranker: str | None = None  # the answerability cross-encoder
     prompt_template_version: str
 
 
@@ -70,11 +78,34 @@ class Timings(BaseModel):
     total: float
 
 
+AbstainReason = Literal["no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer"]
+
+
 class QueryResponse(BaseModel):
-    answer: str
-    citations: list[Citation]
+    answer: str = Field(description="A short answer citing [n], or \"I don't know.\" when abstained.")
+    abstained: bool = Field(description="True when the service declined to answer (see abstain_reason).")
+    abstain_reason: AbstainReason | None = Field(
+        description="no_relevant_context: no retrieved chunk was relevant enough, the generator did not run; "
+                    "model_abstained: the generator said it does not know; unsupported_answer: the answer's "
+                    "citations did not support it (RAG_UNSUPPORTED=abstain); empty_answer: nothing was generated.")
+    grounded: bool = Field(description="A cited chunk holds the answer, with the question's terms around it.")
+    grounding_score: float = Field(description="Support x evidence of the best cited chunk, 0..1.")
+    cited: list[int] = Field(description="Refs the returned answer cites (citations[ref-1]).")
+    removed_citations: int = Field(0, description="[n] in the generated text that named no given chunk, removed.")
+    citation_repair: Literal["attached", "corrected"] | None = Field(
+        None, description="attached: the answer cited nothing and the chunk that supports it was cited; "
+                          "corrected: citations that did not support the answer were replaced by the one that does.")
+    citations: list[Citation] = Field(description="Every chunk given to (or, without generation, considered "
+                                                  "for) the generator, numbered as in the prompt.")
     provenance: Provenance
     timings_ms: Timings
+
+    @classmethod
+    def from_answer(cls, answer: Any) -> "QueryResponse":
+        """From a generation.rag.Answer (same field names)."""
+        fields = {name: getattr(answer, name) for name in cls.model_fields if name != "citations"}
+        citations = [{name: getattr(c, name) for name in Citation.model_fields} for c in answer.citations]
+        return cls.model_validate({**fields, "citations": citations})
 
 
 class Health(BaseModel):

@@ -25,6 +25,7 @@ PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "xxx"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RETRIEVAL_TUNING = REPO_ROOT / "configs" / "retrieval_tuning.json"
 REPO_ADAPTERS = REPO_ROOT / "adapters"  # ships the trained adapter
+REPO_RERANKERS = REPO_ROOT / "rerankers"  # ships the trained answerability cross-encoder
 TUNED_FIELDS = ("fusion", "fusion_alpha", "rrf_k", "candidates")  # what a tuning file may set
 
 CommaList = Annotated[list[str], NoDecode]
@@ -93,11 +94,37 @@ class Settings(BaseSettings):
         "smollm2-squad", description="Adapter name[@version] in the registry, or a path; empty for none."
     )
     adapters_dir: Path = Field(REPO_ADAPTERS, description="Adapter registry (default: the repo's adapters/).")
+    reranker: str | None = Field(
+        None, description="Answerability cross-encoder: name[@version] in the reranker registry, a "
+                                           "folder, or empty / 'none' for none (grounding then uses the lexical and "
+                                           "dense signals alone).")
+    rerankers_dir: Path = Field(REPO_RERANKERS, description="Reranker registry (default: the repo's rerankers/).")
     merge_adapter: bool = False
     abstain_margin: float | None = Field(
         None, ge=0.0,
         description="Logits \"I don't know.\" must win by on the first answer token; unset: the adapter's "
                     "calibrated value (its metadata), 0 for the base model.")
+    unsupported: Literal["abstain", "flag"] = Field(
+        "abstain", description="An answer its citations do not support: 'abstain' (answer \"I don't know.\", "
+                               "abstain_reason unsupported_answer) or 'flag' (returned with grounded=false).")
+    relevance_min: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of the question's (idf-weighted) terms a chunk must hold for the "
+                                          "generator to run; unset: the adapter's calibrated value.")
+    dense_min: float | None = Field(
+        None, ge=-1.0, le=2.0, description="Cosine similarity that lets a chunk through without relevance_min "
+                                           "(2: never); unset: the adapter's calibrated value.")
+    answerability_min: float | None = Field(
+        None, ge=0.0, le=1.0, description="Cross-encoder probability the best chunk must reach before the "
+                                          "generator runs; unset: the adapter's calibrated value.")
+    evidence_min: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of the question's terms around the answer in its cited chunk; "
+                                          "unset: the adapter's calibrated value.")
+    support_min: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of the answer's words its cited chunk must hold; unset: the "
+                                          "adapter's calibrated value.")
+    confidence_min: float | None = Field(
+        None, le=0.0, description="Mean token log-probability the answer must reach; unset: the adapter's "
+                                  "calibrated value.")
     adapter_cache_size: int = Field(2, ge=1, description="Adapters other than the default kept loaded (LRU).")
     generation_timeout_s: float = Field(120.0, gt=0)
     max_concurrent_generations: int = Field(1, ge=1)
@@ -220,6 +247,10 @@ class Settings(BaseSettings):
     @property
     def adapters_path(self) -> Path:
         return self.adapters_dir or self.data_dir / "adapters"
+
+    @property
+    def rerankers_path(self) -> Path:
+        return self.rerankers_dir
 
     @property
     def ledger_path(self) -> Path:

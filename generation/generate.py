@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from generation.loading import LoadedGenerator
-from generation.prompt import ABSTAIN_ANSWER, CITATION_RE, PackedPrompt, stop_token_ids
+from generation.prompt import ABSTAIN_ANSWER, PackedPrompt, stop_token_ids
 
 
 @dataclass
@@ -20,6 +20,12 @@ class GenerationResult:
     finish_reason: str = "stop"  # "stop" (end of turn), "length" (max_new_tokens) or "timeout"
     elapsed_s: float = 0.0
     abstain_preference: float | None = None  # first-token logit of the abstention minus the best other one
+    # log-probabilities of the generated tokens (end of turn excluded), under the model's own distribution
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None
 
 
 def abstain_token_id(tokenizer) -> int:
@@ -94,10 +100,14 @@ def generate_answer(
             pad_token_id=pad_id,
             max_time=timeout_s,
             logits_processor=LogitsProcessorList([abstain]),
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     elapsed = time.perf_counter() - start
-    new_ids = output[0, input_ids.shape[1]:].tolist()  # (n_new,), end-of-turn token included
+    new_ids = output.sequences[0, input_ids.shape[1]:].tolist()  # (n_new,), end-of-turn token included
     n_new = len(new_ids)
+    # output.logits: n_new tensors (1, vocab), raw (before the abstention margin), one per generated token
+    logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token]) for step, token in zip(output.logits, new_ids)]
 
     if new_ids and new_ids[-1] in stops:
         finish_reason = "stop"
@@ -107,6 +117,7 @@ def generate_answer(
         finish_reason = "timeout" if timeout_s is not None else "stop"
     while new_ids and new_ids[-1] in stops:
         new_ids.pop()
+    logprobs = logprobs[: len(new_ids)]
     text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
     return GenerationResult(
         text=text,
@@ -115,20 +126,5 @@ def generate_answer(
         finish_reason=finish_reason,
         elapsed_s=elapsed,
         abstain_preference=abstain.preference,
+        token_logprobs=logprobs,
     )
-
-
-def cited_refs(text: str, n_chunks: int) -> list[int]:
-    """Citations ``[n]`` (or ``[n, m]``) in ``text`` that name an included chunk, 1-based, first-seen order."""
-    refs: list[int] = []
-    for match in CITATION_RE.finditer(text):
-        for part in match.group(1).split(","):
-            ref = int(part)
-            if 1 <= ref <= n_chunks and ref not in refs:
-                refs.append(ref)
-    return refs
-
-
-def strip_citations(text: str) -> str:
-    """The answer without its ``[n]`` citations, whitespace collapsed (for exact-match / F1 scoring)."""
-    return " ".join(CITATION_RE.sub(" ", text).split())

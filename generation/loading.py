@@ -12,10 +12,12 @@ model fails to build; so the whole dict is written here, ``rope_theta`` copied f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from generation.grounding import Thresholds
 
 Quantization = Literal["none", "4bit", "8bit"]
 
@@ -101,6 +103,8 @@ class LoadedGenerator:
     # Logits the abstention must win by on the first answer token (see generate.AbstainMargin);
     # calibrated per adapter (its metadata), 0 for the base model.
     abstain_margin: float = 0.0
+    # When an answer counts as grounded (generation/grounding.py); calibrated per adapter (its metadata).
+    grounding: Thresholds = field(default_factory=Thresholds)
 
 
 def bnb_config(quantization: Quantization, device: str) -> Any:

@@ -52,7 +52,9 @@ class ContextChunk:
     document_id: str = ""
     section: str = ""
     source: str = ""
-    score: float = 0.0
+    score: float = 0.0  # fused retrieval score (min-max normalized per query: 1.0 is the best hit)
+    dense_score: float | None = None  # raw cosine similarity of question and chunk, when dense retrieval saw it
+    bm25_score: float | None = None  # raw BM25 score, when BM25 matched it
 
 
 @dataclass

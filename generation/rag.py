@@ -1,17 +1,23 @@
-"""Answer a question: retrieve chunks, pack them into the prompt, generate, and cite.
+"""Answer a question: retrieve chunks, pack them into the prompt, generate if they are relevant, verify, cite.
 
-The same path serves HTTP and the CLI. Citations list exactly the chunks the generator was given,
-numbered as in the prompt, so ``[n]`` in the answer points at ``citations[n-1]``.
+The same path serves HTTP and the CLI, and :func:`grounded_generation` is also what evaluation scores.
+Citations list exactly the chunks the generator was given (or would have been given, when nothing was
+relevant enough to generate), numbered as in the prompt, so ``[n]`` in the answer points at
+``citations[n-1]``. The grounding decision (generation/grounding.py) says whether the answer is returned,
+flagged or replaced by the abstention.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from generation.generate import generate_answer
+from generation.generate import GenerationResult, generate_answer
+from generation.grounding import (Decision, Signals, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
+                                  relevance_signals, verdict)
 from generation.loading import LoadedGenerator
-from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, pack_prompt
+from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, PackedPrompt, pack_prompt
 from ingestion.ledger import Ledger
 from retrieval.bm25 import Filters
 from retrieval.hybrid import HybridRetriever
@@ -26,6 +32,10 @@ class Citation:
     source: str
     score: float
     text: str
+    relevance: float = 0.0  # share of the question's terms in the chunk (generation/grounding.py)
+    answerability: float | None = None  # the cross-encoder's probability that the chunk answers the question
+    dense_score: float | None = None  # raw cosine similarity with the question
+    supports_answer: bool = False  # the returned answer cites this chunk and it supports the answer
 
 
 @dataclass
@@ -34,6 +44,45 @@ class Answer:
     citations: list[Citation]
     provenance: dict
     timings_ms: dict[str, float] = field(default_factory=dict)
+    abstained: bool = False
+    abstain_reason: str | None = None
+    grounded: bool = False
+    grounding_score: float = 0.0
+    cited: list[int] = field(default_factory=list)
+    removed_citations: int = 0
+    citation_repair: str | None = None  # "attached" / "corrected" (generation/grounding.py)
+    finish_reason: str | None = None  # the generator's ("stop", "length", "timeout"); None when it did not run
+
+
+@dataclass
+class Grounded:
+    packed: PackedPrompt
+    result: GenerationResult | None  # None: nothing relevant, the generator was not run
+    signals: Signals
+    decision: Decision
+
+
+def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[ContextChunk], *,
+                        max_new_tokens: int, timeout_s: float | None = None,
+                        unsupported: UnsupportedPolicy = "abstain", thresholds: Thresholds | None = None,
+                        abstain_margin: float | None = None, scorer: Any = None,
+                        term_weights: Any = None) -> Grounded:
+    """Pack ``chunks``, generate when one is relevant enough, and decide what to return.
+
+    ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py), or None; ``term_weights``
+    the live index's idf (``BM25Index.idf``) for the relevance signal.
+    """
+    thresholds = thresholds or generator.grounding
+    packed = pack_prompt(generator.tokenizer, question, chunks,
+                         context_window=generator.context_window, max_new_tokens=max_new_tokens)
+    signals = relevance_signals(question, packed.chunks, scorer, term_weights)
+    if not has_relevant_context(signals, thresholds):
+        return Grounded(packed, None, signals, verdict(signals, thresholds, unsupported))
+    result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                             abstain_margin=abstain_margin)
+    signals = measure(question, packed.chunks, result.text, confidence=result.mean_logprob,
+                      abstain_preference=result.abstain_preference, signals=signals)
+    return Grounded(packed, result, signals, verdict(signals, thresholds, unsupported))
 
 
 def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int, question: str, top_k: int, *,
@@ -43,7 +92,8 @@ def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int
     rows = ledger.get_chunks(generation, [h.chunk_id for h in hits])
     return [
         ContextChunk(text=rows[h.chunk_id].text, chunk_id=h.chunk_id, document_id=rows[h.chunk_id].document_id,
-                     section=rows[h.chunk_id].section, source=rows[h.chunk_id].source, score=h.score)
+                     section=rows[h.chunk_id].section, source=rows[h.chunk_id].source, score=h.score,
+                     dense_score=h.dense_score, bm25_score=h.bm25_score)
         for h in hits if h.chunk_id in rows
     ]
 
@@ -51,21 +101,26 @@ def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int
 def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger, generation: int,
                     generator: LoadedGenerator, provenance: dict, top_k: int, max_new_tokens: int,
                     timeout_s: float | None = None, filters: Filters | None = None,
-                    alpha: float | None = None) -> Answer:
+                    alpha: float | None = None, unsupported: UnsupportedPolicy = "abstain",
+                    scorer: Any = None) -> Answer:
     started = time.perf_counter()
     context = retrieve_context(retriever, ledger, generation, question, top_k, filters=filters, alpha=alpha)
     retrieved = time.perf_counter()
-    packed = pack_prompt(generator.tokenizer, question, context,
-                         context_window=generator.context_window, max_new_tokens=max_new_tokens)
-    result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    grounded = grounded_generation(generator, question, context, max_new_tokens=max_new_tokens,
+                                   timeout_s=timeout_s, unsupported=unsupported, scorer=scorer,
+                                   term_weights=retriever.bm25.idf)
     finished = time.perf_counter()
+    decision = grounded.decision
     citations = [
         Citation(ref=i, chunk_id=c.chunk_id, document_id=c.document_id, section=c.section, source=c.source,
-                 score=round(c.score, 6), text=c.text)
-        for i, c in enumerate(packed.chunks, start=1)
+                 score=round(c.score, 6), text=c.text, relevance=decision.relevance[i - 1],
+                 answerability=grounded.signals.answerability[i - 1] if grounded.signals.answerability else None,
+                 dense_score=None if c.dense_score is None else round(c.dense_score, 6),
+                 supports_answer=decision.grounded and i in decision.cited)
+        for i, c in enumerate(grounded.packed.chunks, start=1)
     ]
     return Answer(
-        answer=result.text,
+        answer=decision.answer,
         citations=citations,
         provenance={**provenance, "prompt_template_version": PROMPT_TEMPLATE_VERSION},
         timings_ms={
@@ -73,4 +128,12 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
             "generation": round((finished - retrieved) * 1000, 1),
             "total": round((finished - started) * 1000, 1),
         },
+        abstained=decision.abstained,
+        abstain_reason=decision.abstain_reason,
+        grounded=decision.grounded,
+        grounding_score=decision.grounding_score,
+        cited=decision.cited,
+        removed_citations=decision.removed_citations,
+        citation_repair=decision.citation_repair,
+        finish_reason=grounded.result.finish_reason if grounded.result else None,
     )

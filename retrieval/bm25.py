@@ -117,6 +117,19 @@ class BM25Index:
         # Positive scores only: zero means no query term matched (or the chunk was filtered out).
         return [(str(self.ids[i]), float(scores[i])) for i in top if scores[i] > 0]
 
+    def idf(self, stems: Sequence[str]) -> list[float]:
+        """BM25 (Lucene) idf of each already-stemmed term over this index's chunks; a term no chunk holds
+        gets the largest idf, ``log(1 + (N + 0.5) / 0.5)``."""
+        n_docs = len(self.ids)
+        indptr = self.retriever.scores["indptr"] if n_docs else np.zeros(1, dtype=np.int64)
+        lookup = self.tokenizer.stem_to_sid if self.tokenizer.stemmer is not None else self.tokenizer.word_to_id
+        weights = []
+        for stem in stems:
+            sid = lookup.get(stem)
+            df = int(indptr[sid + 1] - indptr[sid]) if sid is not None and sid < len(indptr) - 1 else 0
+            weights.append(float(np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))))
+        return weights
+
     @property
     def _n_tokens(self) -> int:
         return len(self.retriever.scores["indptr"]) - 1

@@ -37,13 +37,11 @@ async def query(body: QueryRequest, services: ServicesDep, settings: SettingsDep
                 provenance=services.provenance(generator, live), top_k=body.top_k or settings.top_k,
                 max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s,
                 filters=body.filters.as_dict() if body.filters else None, alpha=body.alpha,
+                unsupported=settings.unsupported, scorer=services.reranker,
             )
     except Busy as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"busy: {exc}; retry shortly",
                             headers={"Retry-After": "5"}) from None
     except ValueError as exc:  # e.g. the question alone overflows the context window
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    return QueryResponse.model_validate(
-        {"answer": result.answer, "citations": [vars(c) for c in result.citations],
-         "provenance": result.provenance, "timings_ms": result.timings_ms}
-    )
+    return QueryResponse.from_answer(result)

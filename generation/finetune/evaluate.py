@@ -1,13 +1,20 @@
-"""Answer quality on SQuAD-format files: EM / F1 with the official normalization, and abstention rates.
+"""Answer quality on SQuAD-format files: EM / F1 with the official normalization, abstention and citations.
 
 ``gold`` mode gives the model the question's own paragraph (as one chunk, titled like the chunker's
-chunks); ``retrieval`` mode ingests the file's articles as whole documents and lets the service's retriever
-pick ``top_k`` chunks, as in production. Predictions have their ``[n]`` citations stripped before scoring;
-an abstention (:func:`generation.prompt.is_abstention`) scores as the empty answer.
+chunks); ``retrieval`` mode ingests articles as whole documents (the file's own, or a ``--corpus``) and
+lets the service's retriever pick ``top_k`` chunks, as in production. Every answer goes through the
+serving path's grounding decision (:func:`generation.rag.grounded_generation`), so what is scored is what
+``/query`` would return. Predictions have their ``[n]`` citations stripped before scoring; an abstention
+scores as the empty answer.
 
-``em`` / ``f1`` are over the answerable questions (SQuAD v1.1 scoring). For files with unanswerable
-questions, ``em_all`` / ``f1_all`` follow the SQuAD 2.0 convention (an unanswerable question scores 1
-when the model abstains, else 0).
+``em`` / ``f1`` are over the answerable questions whose article is indexed (SQuAD v1.1 scoring). For files
+with unanswerable questions, ``em_all`` / ``f1_all`` follow the SQuAD 2.0 convention (an unanswerable
+question scores 1 when the model abstains, else 0). Questions whose article is not in the corpus are
+*out of corpus*: the right answer is an abstention (``abstain_out_of_corpus``). Citations:
+``citation_valid`` is the share of ``[n]`` in returned answers that name a given chunk
+(``citation_valid_generated``: the same before verification), ``citation_precision`` the share of answered,
+answerable in-corpus questions whose cited chunks hold a gold answer, ``unsupported_rate`` the share of
+generated answers that verification did not find supported.
 """
 
 from __future__ import annotations
@@ -18,15 +25,15 @@ import string
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from generation.finetune.data import QA, Article, Paragraph, gold_chunk, load_articles
-from generation.generate import generate_answer, strip_citations
-from generation.prompt import ContextChunk, is_abstention, pack_prompt
+from generation.grounding import Signals, Thresholds, has_relevant_context, strip_citations, verdict
+from generation.prompt import ABSTAIN_ANSWER, CITATION_RE, ContextChunk
 
 # --- the official SQuAD v1.1 metric ------------------------------------------------------------------
 # normalize_answer, f1_score and exact_match_score follow evaluate-v1.1.py of the SQuAD authors
@@ -94,8 +101,7 @@ def sample_items(items: Sequence[Item], limit: int | None, seed: int) -> list[It
 # --- scoring -----------------------------------------------------------------------------------------
 
 
-def score_prediction(text: str, qa: QA) -> dict[str, Any]:
-    abstained = is_abstention(text)
+def score_prediction(text: str, qa: QA, abstained: bool) -> dict[str, Any]:
     prediction = "" if abstained else strip_citations(text)
     record: dict[str, Any] = {"id": qa.qid, "question": qa.question, "prediction": text,
                               "abstained": abstained, "answerable": not qa.impossible}
@@ -108,24 +114,38 @@ def score_prediction(text: str, qa: QA) -> dict[str, Any]:
     return record
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return round(100 * sum(values) / len(values), 2) if values else None
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    answerable = [r for r in records if r["answerable"]]
-    unanswerable = [r for r in records if not r["answerable"]]
-
-    def mean(values: list[float]) -> float | None:
-        return round(100 * sum(values) / len(values), 2) if values else None
-
+    inside = [r for r in records if r.get("in_corpus", True)]
+    outside = [r for r in records if not r.get("in_corpus", True)]
+    answerable = [r for r in inside if r["answerable"]]
+    unanswerable = [r for r in inside if not r["answerable"]]
+    generated = [r for r in records if r.get("generated") is not None and r.get("reason") != "model_abstained"]
+    answered = [r for r in answerable if not r["abstained"]]
+    refs = sum(r.get("refs", 0) for r in records)
+    refs_generated = sum(r.get("refs_generated", 0) for r in records)
     report = {
-        "em": mean([r["em"] for r in answerable]),
-        "f1": mean([r["f1"] for r in answerable]),
+        "em": _mean([r["em"] for r in answerable]),
+        "f1": _mean([r["f1"] for r in answerable]),
         "n": len(answerable),
         "n_unanswerable": len(unanswerable),
-        "abstain_unanswerable": mean([float(r["abstained"]) for r in unanswerable]),
-        "abstain_answerable": mean([float(r["abstained"]) for r in answerable]),
+        "n_out_of_corpus": len(outside),
+        "abstain_unanswerable": _mean([float(r["abstained"]) for r in unanswerable]),
+        "abstain_answerable": _mean([float(r["abstained"]) for r in answerable]),
+        "abstain_out_of_corpus": _mean([float(r["abstained"]) for r in outside]),
+        "citation_valid": round(100 * sum(r.get("refs_valid", 0) for r in records) / refs, 2) if refs else None,
+        "citation_valid_generated": (round(100 * sum(r.get("refs_generated_valid", 0) for r in records)
+                                           / refs_generated, 2) if refs_generated else None),
+        "citation_precision": _mean([float(r.get("cited_holds_answer", False)) for r in answered]),
+        "unsupported_rate": _mean([float(not r.get("grounded", False)) for r in generated]),
+        "abstain_reasons": dict(Counter(r.get("reason") for r in records if r["abstained"])),
     }
     if unanswerable:
-        report["em_all"] = mean([r["em"] for r in records])
-        report["f1_all"] = mean([r["f1"] for r in records])
+        report["em_all"] = _mean([r["em"] for r in inside])
+        report["f1_all"] = _mean([r["f1"] for r in inside])
     return report
 
 
@@ -139,39 +159,100 @@ def gold_contexts(item: Item) -> list[ContextChunk]:
     return [gold_chunk(item.article, item.paragraph)]
 
 
+def scored_gold_contexts(embedder: Any) -> Contexts:
+    """Gold contexts with the cosine similarity dense retrieval would have given the paragraph (the gate
+    uses it), from the service's embedder (query and passage prefixes applied, unit vectors)."""
+    def contexts(item: Item) -> list[ContextChunk]:
+        chunk = gold_chunk(item.article, item.paragraph)
+        question = embedder.embed_queries([item.qa.question])[0]
+        passage = embedder.embed_passages([chunk.text])[0]
+        return [replace(chunk, dense_score=float(question @ passage))]
+    return contexts
+
+
 def retrieval_contexts(retrieve: Callable[[str, int], list[ContextChunk]], top_k: int) -> Contexts:
     return lambda item: retrieve(item.qa.question, top_k)
 
 
 def evaluate_items(generator: Any, items: Sequence[Item], contexts: Contexts, *, max_new_tokens: int,
-                   timeout_s: float | None, desc: str = "generate",
-                   abstain_margin: float | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate an answer for every item and score it; (summary, per-question records).
+                   timeout_s: float | None, desc: str = "generate", abstain_margin: float | None = None,
+                   thresholds: Thresholds | None = None, unsupported: str = "abstain",
+                   in_corpus: Callable[[Item], bool] = lambda item: True, scorer: Any = None,
+                   term_weights: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answer every item through the serving path (retrieve, gate, generate, verify) and score it.
 
-    ``abstain_margin`` overrides the generator's calibrated one (see generation.generate.AbstainMargin).
+    Returns (summary, per-question records). ``abstain_margin`` and ``thresholds`` override the
+    generator's calibrated ones; each record keeps the grounding signals, so other thresholds can be
+    scored without generating again (:func:`rescore`). ``term_weights``: the index's idf, as serving uses.
     """
+    from generation.rag import grounded_generation
+
     records = []
     started = time.perf_counter()
     with tqdm(items, desc=desc, unit="q") as bar:
         for item in bar:
-            packed = pack_prompt(generator.tokenizer, item.qa.question, contexts(item),
-                                 context_window=generator.context_window, max_new_tokens=max_new_tokens)
-            result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
-                                     abstain_margin=abstain_margin)
-            record = score_prediction(result.text, item.qa)
-            record.update(prompt_tokens=packed.n_tokens, chunks=len(packed.chunks),
-                          gold_in_context=_holds_answer(packed.chunks, item.qa),
-                          seconds=round(result.elapsed_s, 2), abstain_preference=result.abstain_preference)
+            out = grounded_generation(generator, item.qa.question, contexts(item), max_new_tokens=max_new_tokens,
+                                      timeout_s=timeout_s, unsupported=unsupported, thresholds=thresholds,
+                                      abstain_margin=abstain_margin, scorer=scorer, term_weights=term_weights)
+            record = {"in_corpus": in_corpus(item), "prompt_tokens": out.packed.n_tokens,
+                      "chunks": len(out.packed.chunks), "context": [c.text for c in out.packed.chunks],
+                      "gold_in_context": _holds_answer(out.packed.chunks, item.qa),
+                      "seconds": round(out.result.elapsed_s, 2) if out.result else 0.0,
+                      "abstain_preference": out.signals.abstain_preference, "signals": asdict(out.signals)}
+            record.update(decision_record(out.decision, item.qa, record["context"], len(out.packed.chunks)))
             records.append(record)
             summary = summarize(records)
             bar.set_postfix(f1=summary["f1"], em=summary["em"])
     summary = summarize(records)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["mean_prompt_tokens"] = round(sum(r["prompt_tokens"] for r in records) / max(len(records), 1), 1)
-    answerable = [r for r in records if r["answerable"]]
+    answerable = [r for r in records if r["answerable"] and r["in_corpus"]]
     if answerable:
         summary["answer_in_context"] = round(100 * sum(r["gold_in_context"] for r in answerable) / len(answerable), 2)
     return summary, records
+
+
+def decision_record(decision: Any, qa: QA, context: Sequence[str], n_chunks: int) -> dict[str, Any]:
+    """The scored fields of one question's decision (see :func:`summarize`)."""
+    record = score_prediction(decision.answer, qa, decision.abstained)
+    returned = _refs(decision.answer)
+    generated = _refs(decision.generated or "")
+    answers = [a.lower() for a in qa.answers]
+    record.update(
+        generated=decision.generated, reason=decision.abstain_reason, grounded=decision.grounded,
+        grounding_score=decision.grounding_score, cited=list(decision.cited), repair=decision.citation_repair,
+        refs=len(returned), refs_valid=sum(1 <= ref <= n_chunks for ref in returned),
+        refs_generated=len(generated), refs_generated_valid=sum(1 <= ref <= n_chunks for ref in generated),
+        cited_holds_answer=any(a in context[ref - 1].lower() for ref in decision.cited for a in answers
+                               if 1 <= ref <= len(context)),
+    )
+    return record
+
+
+def _refs(text: str) -> list[int]:
+    return [int(part) for match in CITATION_RE.finditer(text) for part in match.group(1).split(",")]
+
+
+def rescore(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds: Thresholds, margin: float,
+            unsupported: str = "abstain") -> list[dict[str, Any]]:
+    """The records as the service would have answered with ``thresholds`` and abstention ``margin``.
+
+    Exact for records of a run that gated nothing and never abstained (``NEVER_ABSTAIN``, open
+    thresholds): greedy decoding abstains exactly when the first-token preference exceeds the margin, and
+    otherwise writes the answer recorded in that run.
+    """
+    by_id = {item.qa.qid: item for item in items}
+    out = []
+    for record in records:
+        signals = Signals(**record["signals"])
+        if not has_relevant_context(signals, thresholds):
+            signals = replace(signals, generated=None)
+        elif signals.abstain_preference is not None and signals.abstain_preference > margin:
+            signals = replace(signals, generated=ABSTAIN_ANSWER)
+        decision = verdict(signals, thresholds, unsupported)  # type: ignore[arg-type]
+        fields = decision_record(decision, by_id[record["id"]].qa, record["context"], record["chunks"])
+        out.append({**record, **fields})
+    return out
 
 
 def _holds_answer(chunks: Sequence[ContextChunk], qa: QA) -> bool:
@@ -182,78 +263,3 @@ def _holds_answer(chunks: Sequence[ContextChunk], qa: QA) -> bool:
 def load_eval_items(path: Path, limit: int | None, seed: int) -> tuple[list[Article], list[Item]]:
     articles = load_articles([path])
     return articles, sample_items(items_of(articles), limit, seed)
-
-
-# --- abstention calibration ----------------------------------------------------------------------
-
-NEVER_ABSTAIN = 1e4  # a margin no first-token preference reaches
-
-
-def held_out_articles(metadata: dict[str, Any], root: Path) -> tuple[list[Article], str]:
-    """(articles, description) of an adapter's validation articles, read from its training files.
-
-    Raises ValueError naming what is missing when the metadata records none or a file is absent.
-    """
-    files = [root / f for f in metadata.get("config", {}).get("train_files", [])]
-    titles = set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
-    missing = [str(f) for f in files if not f.is_file()]
-    if not files or not titles or missing:
-        raise ValueError(f"no held-out articles to calibrate on ({', '.join(missing) or 'none recorded'})")
-    articles = [a for a in load_articles(files) if a.title in titles]
-    return articles, f"validation articles {sorted(titles)} of {[f.name for f in files]}"
-
-
-def abstention_curve(records: Sequence[dict[str, Any]], margins: Sequence[float]) -> list[dict[str, Any]]:
-    """Scores at each margin, from one run that never abstained (``NEVER_ABSTAIN``).
-
-    Greedy decoding abstains exactly when the first-token preference exceeds the margin (the abstention's
-    first token then wins; the model completes "I don't know." after it), and otherwise writes the answer
-    recorded in that run, so every margin is scored without generating again.
-    """
-    curve = []
-    for margin in margins:
-        rescored = []
-        for record in records:
-            abstains = record["abstain_preference"] is not None and record["abstain_preference"] > margin
-            if abstains:
-                rescored.append({**record, "abstained": True, "em": float(not record["answerable"]),
-                                 "f1": float(not record["answerable"])})
-            else:
-                rescored.append(record)
-        curve.append({"margin": margin, **summarize(rescored)})
-    return curve
-
-
-def choose_margin(curve: Sequence[dict[str, Any]], max_abstain_answerable: float) -> dict[str, Any]:
-    """The margin with the best F1 over all questions (SQuAD 2.0 scoring) whose abstention on answerable
-    questions stays within ``max_abstain_answerable`` percent (the largest margin if none does)."""
-    allowed = [row for row in curve if (row["abstain_answerable"] or 0.0) <= max_abstain_answerable]
-    if not allowed:
-        return max(curve, key=lambda row: row["margin"])
-    return max(allowed, key=lambda row: (row.get("f1_all", row["f1"]) or 0.0, -row["margin"]))
-
-
-def plot_abstention(curve: Sequence[dict[str, Any]], chosen: dict[str, Any], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    margins = [row["margin"] for row in curve]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(margins, [row["f1"] for row in curve], "o-", ms=3, label="F1, answerable questions")
-    if curve[0].get("f1_all") is not None:
-        ax.plot(margins, [row["f1_all"] for row in curve], "o-", ms=3, label="F1, all (SQuAD 2.0 scoring)")
-        ax.plot(margins, [row["abstain_unanswerable"] for row in curve], "s--", ms=3,
-                label="abstains on unanswerable, %")
-    ax.plot(margins, [row["abstain_answerable"] for row in curve], "^--", ms=3, label="abstains on answerable, %")
-    ax.axvline(chosen["margin"], color="grey", lw=1, ls=":", label=f"chosen margin {chosen['margin']}")
-    ax.set_xlabel("abstention margin (logits)")
-    ax.set_ylabel("%")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)

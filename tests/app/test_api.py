@@ -1,6 +1,7 @@
 """The HTTP API against a real service: answers with citations, and clear 4xx for bad requests."""
 
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -111,3 +112,63 @@ def test_oversize_body_is_413_by_bytes_received(keyed_client):
     response = keyed_client.post("/query", content=chunked(), headers=headers)
     assert response.status_code == 413
     assert "2048 bytes" in response.json()["detail"]
+
+
+DEMO_QUESTIONS = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "demo" / "questions.jsonl")
+                  .read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("case", [c for c in DEMO_QUESTIONS if c["answerable"]], ids=lambda c: c["question"])
+def test_answerable_demo_question_comes_back_grounded_with_the_right_citation(client, case):
+    body = client.post("/query", json={"question": case["question"]}).json()
+    assert not body["abstained"] and body["abstain_reason"] is None, body
+    assert body["grounded"] and 0 < body["grounding_score"] <= 1
+    assert body["cited"], body["answer"]
+    cited = [body["citations"][ref - 1] for ref in body["cited"]]
+    assert {c["document_id"] for c in cited} == {case["document_id"]}
+    assert all(c["supports_answer"] for c in cited)
+    assert case["answer"].lower() in body["answer"].lower()
+    assert all(f"[{ref}]" in body["answer"] for ref in body["cited"])
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=c["known_gap"])) if c.get("known_gap") else c
+    for c in DEMO_QUESTIONS if not c["answerable"]], ids=lambda c: c["question"])
+def test_demo_question_the_documents_cannot_answer_abstains_with_a_reason(client, case):
+    body = client.post("/query", json={"question": case["question"]}).json()
+    assert body["abstained"] and body["answer"] == "I don't know.", body
+    assert body["abstain_reason"] in ("no_relevant_context", "model_abstained", "unsupported_answer")
+    assert not body["grounded"] and body["cited"] == []
+    assert body["citations"], "what was looked at is still listed"
+    assert not any(c["supports_answer"] for c in body["citations"])
+
+
+def test_out_of_corpus_question_skips_the_generator(client):
+    body = client.post("/query", json={"question": "What is the capital of France?"}).json()
+    assert body["abstain_reason"] == "no_relevant_context"
+    assert body["timings_ms"]["generation"] < 200  # the generator did not run (a generation takes seconds)
+
+
+def test_flag_policy_returns_unsupported_answers_marked(client, demo_services):
+    # the bundled generator answers this one "Pod [1]": a word its chunks do not hold
+    question = {"question": "Which deployment do I restart when the connection pool is exhausted?"}
+    abstained = client.post("/query", json=question).json()
+    assert abstained["abstained"] and abstained["abstain_reason"] == "unsupported_answer", abstained
+    settings = demo_services.settings.model_copy(update={"unsupported": "flag"})
+    with TestClient(create_app(settings, services=demo_services)) as flagged:
+        body = flagged.post("/query", json=question).json()
+    assert not body["abstained"] and body["abstain_reason"] is None
+    assert not body["grounded"] and body["answer"] != "I don't know." and body["cited"]
+    assert not any(c["supports_answer"] for c in body["citations"])
+
+
+def test_response_schema_carries_the_grounding_fields(client):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    response = schema["QueryResponse"]
+    for name in ("abstained", "abstain_reason", "grounded", "grounding_score", "cited", "removed_citations",
+                 "citation_repair"):
+        assert name in response["properties"], name
+    reasons = response["properties"]["abstain_reason"]["anyOf"][0]["enum"]
+    assert set(reasons) == {"no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer"}
+    citation = schema["Citation"]["properties"]
+    assert {"relevance", "answerability", "dense_score", "supports_answer"} <= set(citation)

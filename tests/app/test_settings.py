@@ -34,6 +34,9 @@ def test_environment_variables_and_comma_lists(monkeypatch, tmp_path):
         ("RAG_API_KEYS", "changeme", "api_keys"),
         ("RAG_CHUNK_OVERLAP_TOKENS", "600", "RAG_CHUNK_OVERLAP_TOKENS"),
         ("RAG_QUANTIZATION", "3bit", "quantization"),
+        ("RAG_UNSUPPORTED", "ignore", "unsupported"),
+        ("RAG_EVIDENCE_MIN", "1.5", "evidence_min"),
+        ("RAG_CONFIDENCE_MIN", "0.5", "confidence_min"),
     ],
 )
 def test_invalid_settings_name_the_setting(monkeypatch, env, value, mentions):
@@ -56,3 +59,26 @@ def test_serve_refuses_public_bind_without_api_keys(monkeypatch, tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 1
     assert "refusing to bind 0.0.0.0" in result.output
+
+
+def test_grounding_settings_override_the_calibrated_thresholds(tmp_path):
+    from app.container import grounding_thresholds
+
+    metadata = {"grounding": {"thresholds": {"relevance_min": 0.3, "evidence_min": 0.2, "confidence_min": -0.8,
+                                             "retired_knob": 1}}}
+    calibrated = grounding_thresholds(Settings(_env_file=None, data_dir=tmp_path), metadata)
+    assert (calibrated.relevance_min, calibrated.evidence_min, calibrated.confidence_min) == (0.3, 0.2, -0.8)
+    overridden = grounding_thresholds(Settings(_env_file=None, data_dir=tmp_path, evidence_min=0.6), metadata)
+    assert overridden.evidence_min == 0.6 and overridden.relevance_min == 0.3
+    assert grounding_thresholds(Settings(_env_file=None, data_dir=tmp_path), {}).support_min == 0.5
+
+
+def test_eval_generation_rejects_corpus_in_gold_mode(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "q", "answer": "a", "context": "a"}\n')
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "app.cli", "eval", "generation", "--data", str(data),
+                             "--mode", "gold", "--corpus", str(data)], capture_output=True, text=True)
+    assert result.returncode == 1 and "--corpus needs --mode retrieval" in result.stderr + result.stdout

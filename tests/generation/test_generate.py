@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from generation.generate import cited_refs, generate_answer, strip_citations
+from generation.generate import generate_answer
+from generation.grounding import clean_citations, strip_citations
 from generation.loading import load_generator
 from generation.prompt import ContextChunk, pack_prompt
 from tests.generation.conftest import NATIVE
@@ -19,10 +20,10 @@ def scaled(tiny_model_dir):
     return load_generator(str(tiny_model_dir), context_window=2 * NATIVE)
 
 
-def test_cited_refs_and_strip_citations() -> None:
-    assert cited_refs("Gustave Eiffel [2]", 3) == [2]
-    assert cited_refs("a [3] b [1, 2] c [3] [9] [0]", 3) == [3, 1, 2]
-    assert cited_refs("no citations", 3) == []
+def test_citation_parsing_and_stripping() -> None:
+    assert clean_citations("Gustave Eiffel [2]", 3)[1] == [2]
+    assert clean_citations("a [3] b [1, 2] c [3] [9] [0]", 3)[1:] == ([3, 1, 2], 2)
+    assert clean_citations("no citations", 3)[1] == []
     assert strip_citations("Gustave  Eiffel [2] [1, 3]") == "Gustave Eiffel"
 
 
@@ -98,7 +99,7 @@ def test_abstain_token_is_the_first_answer_token_the_model_is_trained_on(smol_to
 
 
 def test_generation_records_the_preference_and_a_huge_margin_never_abstains(scaled) -> None:
-    from generation.finetune.evaluate import NEVER_ABSTAIN
+    from generation.finetune.calibrate import NEVER_ABSTAIN
     from generation.generate import abstain_token_id
     from generation.prompt import ContextChunk, pack_prompt
 
@@ -108,3 +109,16 @@ def test_generation_records_the_preference_and_a_huge_margin_never_abstains(scal
     assert isinstance(result.abstain_preference, float)
     first = scaled.tokenizer(result.text, add_special_tokens=False).input_ids[:1]
     assert first != [abstain_token_id(scaled.tokenizer)]
+
+
+def test_generation_records_token_logprobs_of_the_answer(scaled) -> None:
+    from generation.prompt import ContextChunk, pack_prompt
+
+    packed = pack_prompt(scaled.tokenizer, "Who?", [ContextChunk(text="Nobody.", chunk_id="c", document_id="d")],
+                         context_window=scaled.context_window, max_new_tokens=6)
+    result = generate_answer(scaled, packed, max_new_tokens=6)
+    assert result.token_logprobs and all(lp <= 0 for lp in result.token_logprobs)
+    # one per generated token; an end-of-turn token, when generated, is not part of the answer
+    expected = result.n_new_tokens - (result.finish_reason == "stop")
+    assert len(result.token_logprobs) == expected
+    assert result.mean_logprob == sum(result.token_logprobs) / len(result.token_logprobs)

@@ -34,15 +34,15 @@ def test_f1_and_em_by_hand() -> None:
 
 def test_predictions_are_scored_without_citations_and_abstentions_count() -> None:
     qa = QA("1", "Where?", ("Paris", "the city of Paris"))
-    record = score_prediction("Paris [2]", qa)
+    record = score_prediction("Paris [2]", qa, False)
     assert record["em"] == 1.0 and record["f1"] == 1.0 and not record["abstained"]
-    partial = score_prediction("in Paris, France [1]", qa)
+    partial = score_prediction("in Paris, France [1]", qa, False)
     assert partial["em"] == 0.0 and partial["f1"] == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
-    abstained = score_prediction("I don't know.", qa)
+    abstained = score_prediction("I don't know.", qa, True)
     assert abstained["abstained"] and abstained["f1"] == 0.0
     impossible = QA("2", "Why?", (), impossible=True)
-    records = [record, partial, abstained, score_prediction("I do not know", impossible),
-               score_prediction("Because [1]", impossible)]
+    records = [record, partial, abstained, score_prediction("I do not know", impossible, True),
+               score_prediction("Because [1]", impossible, False)]
     summary = summarize(records)
     assert summary["n"] == 3 and summary["n_unanswerable"] == 2
     assert summary["em"] == pytest.approx(100 / 3, abs=0.01)
@@ -60,17 +60,41 @@ def test_limit_sample_is_fixed_and_model_independent() -> None:
     assert len(first) == 10 and [i.qa.qid for i in first] != [i.qa.qid for i in sample_items(items, 10, seed=1)]
 
 
-def test_abstention_curve_rescores_one_never_abstaining_run():
-    from generation.finetune.evaluate import abstention_curve, choose_margin
+def test_rescore_and_search_choose_thresholds_from_one_open_run():
+    """Four questions recorded with the gate open and abstention off; rescoring applies any thresholds."""
+    from dataclasses import asdict
 
-    def rec(answerable, f1, preference):
-        return {"answerable": answerable, "abstained": False, "em": f1, "f1": f1, "abstain_preference": preference}
+    from generation.finetune.calibrate import GRID, NEVER_ABSTAIN, search
+    from generation.finetune.evaluate import Item, decision_record, rescore
+    from generation.grounding import Thresholds, measure, relevance_signals, verdict
+    from generation.prompt import ContextChunk
 
-    records = [rec(True, 1.0, -3.0), rec(True, 0.0, 1.5), rec(False, 0.0, 2.5), rec(False, 0.0, 0.5)]
-    curve = {row["margin"]: row for row in abstention_curve(records, [0.0, 1.0, 2.0, 3.0])}
-    assert curve[0.0]["abstain_answerable"] == 50.0 and curve[0.0]["abstain_unanswerable"] == 100.0
-    assert curve[2.0]["abstain_answerable"] == 0.0 and curve[2.0]["abstain_unanswerable"] == 50.0
-    assert curve[3.0]["f1"] == 50.0 and curve[3.0]["f1_all"] == 25.0
-    # margin 0 scores best over all questions but abstains on half the answerable ones: the cap rules it out
-    assert choose_margin(list(curve.values()), max_abstain_answerable=10.0)["margin"] == 2.0
-    assert choose_margin(list(curve.values()), max_abstain_answerable=60.0)["margin"] == 0.0
+    vacation = ContextChunk("Full-time employees get 28 vacation days per calendar year.", dense_score=0.7)
+    meals = ContextChunk("The daily meal allowance while travelling is 55 euros.", dense_score=0.2)
+    cases = [  # (qa, chunks, generated, first-token preference, in corpus)
+        (QA("a", "How many vacation days do employees get?", ("28 vacation days", "28")), [vacation], "28 vacation days [1]", -3.0, True),
+        (QA("b", "How many vacation days does a contractor get?", (), impossible=True), [vacation], "28 [1]", 1.5, True),
+        (QA("c", "What is the capital of France?", ("Paris",)), [meals], "55 euros [1]", -2.0, False),
+        (QA("d", "How much is the meal allowance?", ("55 euros",)), [meals], "55 euros [1]", 0.5, True),
+    ]
+    records, items = [], []
+    for qa, chunks, generated, preference, inside in cases:
+        signals = measure(qa.question, chunks, generated, abstain_preference=preference,
+                          signals=relevance_signals(qa.question, chunks))
+        decision = verdict(signals, Thresholds(), "flag")
+        records.append({"id": qa.qid, "in_corpus": inside, "chunks": len(chunks), "context": [c.text for c in chunks],
+                        "signals": asdict(signals), **decision_record(decision, qa, [c.text for c in chunks], 1)})
+        items.append(Item(None, None, qa))  # type: ignore[arg-type]
+    open_run = rescore(records, items, Thresholds(), NEVER_ABSTAIN)
+    assert [r["abstained"] for r in open_run] == [False, False, False, False]
+    gated = rescore(records, items, Thresholds(relevance_min=0.5), NEVER_ABSTAIN)
+    assert [r["reason"] for r in gated] == [None, None, "no_relevant_context", None]
+    margin = rescore(records, items, Thresholds(), 1.0)
+    assert [r["reason"] for r in margin] == [None, "model_abstained", None, None]
+    best = search(records, items, max_abstain_answerable=0.0, grid={**GRID, "confidence_min": [None]})
+    summary = best["summary"]
+    # answerable questions all answered; the unanswerable and the out-of-corpus ones abstain
+    assert summary["abstain_answerable"] == 0.0 and summary["f1"] == 100.0
+    assert summary["abstain_unanswerable"] == 100.0 and summary["abstain_out_of_corpus"] == 100.0
+    assert 0.5 <= best["abstain_margin"] < 1.5  # between the answerable (0.5) and unanswerable (1.5) preferences
+    assert summary["citation_precision"] == 100.0 and summary["citation_valid"] == 100.0

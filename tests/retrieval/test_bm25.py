@@ -44,3 +44,18 @@ def test_save_load_roundtrip_and_pointer_switch(tmp_path):
     second.save(tmp_path)
     assert len(BM25Index.load(tmp_path)) == 2
     assert BM25Index.load(tmp_path / "missing") is None
+
+
+def test_idf_counts_chunks_holding_each_stem_and_survives_save_and_load(tmp_path):
+    import math
+
+    index = BM25Index.build(IDS, TEXTS, {"document_id": DOCS})
+    n = len(TEXTS)
+
+    def lucene(df):
+        return math.log(1 + (n - df + 0.5) / (df + 0.5))
+
+    # "cat" in 3 chunks (cat, cat, cats), "stock" in 1, "zebra" in none
+    assert index.idf(["cat", "stock", "zebra"]) == [lucene(3), lucene(1), lucene(0)]
+    index.save(tmp_path)
+    assert BM25Index.load(tmp_path).idf(["cat", "stock", "zebra"]) == [lucene(3), lucene(1), lucene(0)]
