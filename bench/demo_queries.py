@@ -3,8 +3,9 @@
 Each question in demo/questions.jsonl goes to ``POST /query`` (FastAPI TestClient, real models, real Chroma)
 ``--repeat`` times; the table gives what came back (answer, abstention and its reason, the cited document)
 and the /query latency. With ``--baseline-tree DIR`` (for example a ``git worktree`` of the commit before
-grounding), the same script runs once more with that tree's packages first on ``sys.path``, in a
-subprocess, and both are tabulated side by side.
+grounding), the same script runs once more in a subprocess with that tree's packages (and adapters)
+first on ``sys.path`` (checked), and both are tabulated side by side. A tree without the ``cited``
+field gets its answer checked, not its citation.
 
     git worktree add /tmp/rag-baseline <commit> && python bench/demo_queries.py --baseline-tree /tmp/rag-baseline
 """
@@ -28,16 +29,19 @@ QUESTIONS = REPO / "demo" / "questions.jsonl"
 def measure(repeat: int) -> dict:
     from fastapi.testclient import TestClient
 
+    import app
     from app.cli import DEMO_CORPUS
     from app.container import build_services
     from app.main import create_app
     from app.settings import Settings
     from ingestion.loaders import load_documents
 
+    code = Path(app.__file__).resolve().parent.parent  # the tree under test: its adapters, its models cache
+
     cases = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(_env_file=None, data_dir=Path(data_dir), model_cache_dir=REPO / ".cache" / "models",
-                            adapters_dir=REPO / "adapters")
+                            adapters_dir=code / "adapters")
         services = build_services(settings)
         services.indexer().apply(load_documents([DEMO_CORPUS]))
         rows, latencies = [], []
@@ -71,15 +75,24 @@ def main() -> None:
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the baseline subprocess
     args = parser.parse_args()
     if args.json_only:
-        print(json.dumps(measure(args.repeat)))
+        # bench/common.py put this checkout first on sys.path: the baseline tree goes first instead
+        tree = Path(os.environ["RAG_BENCH_TREE"]).resolve()
+        sys.path = [str(tree)] + [p for p in sys.path if Path(p or ".").resolve() != REPO.resolve()]
+        result = measure(args.repeat)
+        import app
+
+        print(json.dumps({**result, "code": str(Path(app.__file__).resolve().parent.parent)}))
         return
     runs = {"grounded (this tree)": measure(args.repeat)}
     if args.baseline_tree:
-        env = {**os.environ, "PYTHONPATH": f"{args.baseline_tree.resolve()}{os.pathsep}{REPO / 'bench'}"}
+        env = {**os.environ, "RAG_BENCH_TREE": str(args.baseline_tree.resolve())}
         out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--json-only", "--repeat",
                               str(args.repeat)], env=env, cwd=args.baseline_tree, check=True,
                              capture_output=True, text=True).stdout
-        runs[f"baseline ({args.baseline_tree.name})"] = json.loads(out.strip().splitlines()[-1])
+        baseline = json.loads(out.strip().splitlines()[-1])
+        if Path(baseline["code"]) != args.baseline_tree.resolve():
+            raise SystemExit(f"the baseline run imported {baseline['code']}, not {args.baseline_tree}")
+        runs[f"baseline ({args.baseline_tree.name})"] = baseline
     names = list(runs)
     lines = ["| question | answerable | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for i, case in enumerate(runs[names[0]]["rows"]):
