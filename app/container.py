@@ -305,7 +305,7 @@ def build_reranker(settings: Settings) -> Any:
 
     None is the default; a configured one must load (LookupError naming the setting otherwise).
     """
-    from generation.adapters import AdapterNotFound, AdapterRegistry
+    from generation.adapters import AdapterNotFound, locate
     from ingestion.embedder import resolve_embedding_model
     from retrieval.cross_encoder import CrossEncoderScorer, read_metadata
 
@@ -313,12 +313,7 @@ def build_reranker(settings: Settings) -> Any:
     if not ref or ref.lower() == "none":
         return None
     try:
-        candidate = Path(ref)
-        if (candidate / "adapter_config.json").is_file():
-            folder, label = candidate, candidate.name
-        else:
-            found = AdapterRegistry(settings.rerankers_path).resolve(ref)
-            folder, label = found.path, found.label
+        folder, label = locate(ref, settings.rerankers_path)
         metadata = read_metadata(folder)
         base = resolve_embedding_model(metadata["base_model"])
     except (AdapterNotFound, FileNotFoundError, KeyError, ValueError) as exc:
@@ -344,19 +339,14 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str,
     """(folder, label, metadata) of an adapter reference, its metadata checked against the serving settings."""
     from transformers import AutoConfig
 
-    from generation.adapters import AdapterNotFound, AdapterRegistry, check_compatible, read_metadata
+    from generation.adapters import AdapterNotFound, check_compatible, locate, read_metadata
     from generation.loading import native_context, rope_scaling_for
     from generation.prompt import PROMPT_TEMPLATE_VERSION
 
-    candidate = Path(ref)
-    if (candidate / "adapter_config.json").is_file():
-        folder, label = candidate, candidate.name
-    else:
-        if not settings.adapters_path.is_dir():
-            raise AdapterNotFound(f"adapter {ref!r}: the adapter registry {settings.adapters_path} does not exist "
-                                  "(set RAG_ADAPTERS_DIR, or RAG_ADAPTER=none to serve the base model)")
-        found = AdapterRegistry(settings.adapters_path).resolve(ref)
-        folder, label = found.path, found.label
+    if not (Path(ref) / "adapter_config.json").is_file() and not settings.adapters_path.is_dir():
+        raise AdapterNotFound(f"adapter {ref!r}: the adapter registry {settings.adapters_path} does not exist "
+                              "(set RAG_ADAPTERS_DIR, or RAG_ADAPTER=none to serve the base model)")
+    folder, label = locate(ref, settings.adapters_path)
     metadata = read_metadata(folder)
     native = native_context(AutoConfig.from_pretrained(model_path))
     check_compatible(metadata, where=f"{label} ({folder})", base_model=settings.generator_model,

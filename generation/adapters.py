@@ -151,6 +151,16 @@ class AdapterRegistry:
         return ref
 
 
+def locate(ref: str, registry_root: Path) -> tuple[Path, str]:
+    """(folder, label) of ``ref``: a folder holding ``adapter_config.json`` as it is, else a name[@version]
+    resolved in the registry at ``registry_root`` (AdapterNotFound when it holds none)."""
+    candidate = Path(ref)
+    if (candidate / "adapter_config.json").is_file():
+        return candidate, candidate.name
+    found = AdapterRegistry(registry_root).resolve(ref)
+    return found.path, found.label
+
+
 def read_metadata(folder: Path) -> dict[str, Any]:
     path = Path(folder) / METADATA
     if not path.is_file():

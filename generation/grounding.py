@@ -84,15 +84,39 @@ class Decision:
     grounded: bool
     grounding_score: float  # support * evidence of the best cited chunk, 0 when none
     cited: list[int]  # refs (1-based) the returned answer cites
-    removed_citations: int = 0  # [n] in the generated text that named no given chunk
+    signals: "Signals"  # what the decision was taken on
     # "attached": the answer cited nothing, its supporting chunk was cited; "corrected": citations that
     # did not support the answer were dropped (and the supporting chunk cited)
     citation_repair: CitationRepair | None = None
-    generated: str | None = None  # the generator's own text (None when it was not run)
-    relevance: list[float] = field(default_factory=list)  # per given chunk, in ref order
-    support: list[float] = field(default_factory=list)  # per given chunk, in ref order
-    evidence: list[float] = field(default_factory=list)  # per given chunk, in ref order
-    confidence: float | None = None
+
+    # the signals' per-chunk lists are in ref order
+    @property
+    def generated(self) -> str | None:  # the generator's own text (None when it was not run)
+        return self.signals.generated
+
+    @property
+    def removed_citations(self) -> int:  # [n] in the generated text that named no given chunk
+        return self.signals.removed_citations
+
+    @property
+    def relevance(self) -> list[float]:
+        return self.signals.relevance
+
+    @property
+    def answerability(self) -> list[float | None]:
+        return self.signals.answerability or [None] * len(self.signals.relevance)
+
+    @property
+    def support(self) -> list[float]:
+        return self.signals.support
+
+    @property
+    def evidence(self) -> list[float]:
+        return self.signals.evidence
+
+    @property
+    def confidence(self) -> float | None:
+        return self.signals.confidence
 
 
 # --- text signals ---------------------------------------------------------------------------------
@@ -120,13 +144,21 @@ TermWeights = Callable[[Sequence[str]], list[float]]  # stemmed terms -> weights
 def relevance(question: str, chunk_text: str, term_weights: TermWeights | None = None) -> float:
     """Share of the question's distinct content terms that occur in the chunk, each term weighted by
     ``term_weights`` (the index's idf: a rare name counts for more than "year"); 0 when it has none."""
+    return _weighted_share(_weighted_terms(question, term_weights), chunk_text)
+
+
+def _weighted_terms(question: str, term_weights: TermWeights | None) -> dict[str, float]:
     wanted = sorted(set(content_terms(question)))
-    if not wanted:
+    weights = term_weights(wanted) if term_weights is not None and wanted else [1.0] * len(wanted)
+    return dict(zip(wanted, weights))
+
+
+def _weighted_share(weighted: dict[str, float], chunk_text: str) -> float:
+    total = sum(weighted.values())
+    if total <= 0:
         return 0.0
-    weights = term_weights(wanted) if term_weights is not None else [1.0] * len(wanted)
     present = set(content_terms(chunk_text))
-    total = sum(weights)
-    return sum(w for term, w in zip(wanted, weights) if term in present) / total if total > 0 else 0.0
+    return sum(w for term, w in weighted.items() if term in present) / total
 
 
 def support(answer: str, chunk_text: str) -> float:
@@ -227,7 +259,8 @@ def relevance_signals(question: str, chunks: Sequence[ContextChunk], scorer: Any
     answerability: list[float | None] = [None] * len(chunks)
     if scorer is not None and chunks:
         answerability = [round(p, 4) for p in scorer.score(question, [c.text for c in chunks])]
-    return Signals(relevance=[round(relevance(question, c.text, term_weights), 4) for c in chunks],
+    weighted = _weighted_terms(question, term_weights)
+    return Signals(relevance=[round(_weighted_share(weighted, c.text), 4) for c in chunks],
                    dense=[None if c.dense_score is None else round(c.dense_score, 4) for c in chunks],
                    answerability=answerability)
 
@@ -269,9 +302,7 @@ SUPPORT_FOR_EVIDENCE = 0.5
 
 def verdict(signals: Signals, thresholds: Thresholds, unsupported: UnsupportedPolicy = "abstain") -> Decision:
     """The answer to return, from measured ``signals`` (``[n]`` is the n-th given chunk)."""
-    common = dict(relevance=signals.relevance, support=signals.support, evidence=signals.evidence,
-                  confidence=signals.confidence, generated=signals.generated,
-                  removed_citations=signals.removed_citations)
+    common = dict(signals=signals)
     abstain = dict(answer=ABSTAIN_ANSWER, abstained=True, grounded=False, grounding_score=0.0, cited=[])
     if signals.generated is None or not signals.relevance:
         return Decision(**abstain, abstain_reason="no_relevant_context", **common)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from generation.generate import GenerationResult, generate_answer
-from generation.grounding import (Decision, Signals, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
+from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
                                   relevance_signals, verdict)
 from generation.loading import LoadedGenerator
 from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, PackedPrompt, pack_prompt
@@ -58,8 +58,7 @@ class Answer:
 class Grounded:
     packed: PackedPrompt
     result: GenerationResult | None  # None: nothing relevant, the generator was not run
-    signals: Signals
-    decision: Decision
+    decision: Decision  # its .signals: what was measured
 
 
 def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[ContextChunk], *,
@@ -77,12 +76,12 @@ def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[
                          context_window=generator.context_window, max_new_tokens=max_new_tokens)
     signals = relevance_signals(question, packed.chunks, scorer, term_weights)
     if not has_relevant_context(signals, thresholds):
-        return Grounded(packed, None, signals, verdict(signals, thresholds, unsupported))
+        return Grounded(packed, None, verdict(signals, thresholds, unsupported))
     result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
                              abstain_margin=abstain_margin)
     signals = measure(question, packed.chunks, result.text, confidence=result.mean_logprob,
                       abstain_preference=result.abstain_preference, signals=signals)
-    return Grounded(packed, result, signals, verdict(signals, thresholds, unsupported))
+    return Grounded(packed, result, verdict(signals, thresholds, unsupported))
 
 
 def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int, question: str, top_k: int, *,
@@ -114,7 +113,7 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
     citations = [
         Citation(ref=i, chunk_id=c.chunk_id, document_id=c.document_id, section=c.section, source=c.source,
                  score=round(c.score, 6), text=c.text, relevance=decision.relevance[i - 1],
-                 answerability=grounded.signals.answerability[i - 1] if grounded.signals.answerability else None,
+                 answerability=decision.answerability[i - 1],
                  dense_score=None if c.dense_score is None else round(c.dense_score, 6),
                  supports_answer=decision.grounded and i in decision.cited)
         for i, c in enumerate(grounded.packed.chunks, start=1)

@@ -11,6 +11,7 @@ merges it. Versions live in a registry like the generator's adapters (``reranker
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ class CrossEncoderScorer:
         return out
 
     def score(self, question: str, texts: Sequence[str]) -> list[float]:
-        return [float(torch.sigmoid(torch.tensor(x))) for x in self.logits(question, texts)]
+        return [1.0 / (1.0 + math.exp(-x)) for x in self.logits(question, texts)]
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:

@@ -77,7 +77,6 @@ def build_pairs(config: RerankerConfig, articles: list[Article], index: Any, tit
 
     ``index`` holds ``article_documents(corpus)``; ``titles`` maps its document ids back to article titles.
     """
-    from generation.rag import retrieve_context
 
     services = index.services
     questions = [(a, p, q) for a in articles for p in a.paragraphs for q in p.qas]

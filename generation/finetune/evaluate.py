@@ -198,7 +198,8 @@ def evaluate_items(generator: Any, items: Sequence[Item], contexts: Contexts, *,
                       "chunks": len(out.packed.chunks), "context": [c.text for c in out.packed.chunks],
                       "gold_in_context": _holds_answer(out.packed.chunks, item.qa),
                       "seconds": round(out.result.elapsed_s, 2) if out.result else 0.0,
-                      "abstain_preference": out.signals.abstain_preference, "signals": asdict(out.signals)}
+                      "abstain_preference": out.decision.signals.abstain_preference,
+                      "signals": asdict(out.decision.signals)}
             record.update(decision_record(out.decision, item.qa, record["context"], len(out.packed.chunks)))
             records.append(record)
             summary = summarize(records)
