@@ -196,7 +196,7 @@ def evaluate_items(generator: Any, items: Sequence[Item], contexts: Contexts, *,
                                       abstain_margin=abstain_margin, scorer=scorer, term_weights=term_weights)
             record = {"in_corpus": in_corpus(item), "prompt_tokens": out.packed.n_tokens,
                       "chunks": len(out.packed.chunks), "context": [c.text for c in out.packed.chunks],
-                      "gold_in_context": _holds_answer(out.packed.chunks, item.qa),
+                      "gold_in_context": _holds_answer([c.text for c in out.packed.chunks], item.qa),
                       "seconds": round(out.result.elapsed_s, 2) if out.result else 0.0,
                       "abstain_preference": out.decision.signals.abstain_preference,
                       "signals": asdict(out.decision.signals)}
@@ -218,14 +218,13 @@ def decision_record(decision: Any, qa: QA, context: Sequence[str], n_chunks: int
     record = score_prediction(decision.answer, qa, decision.abstained)
     returned = _refs(decision.answer)
     generated = _refs(decision.generated or "")
-    answers = [a.lower() for a in qa.answers]
     record.update(
         generated=decision.generated, reason=decision.abstain_reason, grounded=decision.grounded,
         grounding_score=decision.grounding_score, cited=list(decision.cited), repair=decision.citation_repair,
         refs=len(returned), refs_valid=sum(1 <= ref <= n_chunks for ref in returned),
         refs_generated=len(generated), refs_generated_valid=sum(1 <= ref <= n_chunks for ref in generated),
-        cited_holds_answer=any(a in context[ref - 1].lower() for ref in decision.cited for a in answers
-                               if 1 <= ref <= len(context)),
+        cited_holds_answer=_holds_answer([context[ref - 1] for ref in decision.cited if 1 <= ref <= len(context)],
+                                         qa),
     )
     return record
 
@@ -256,8 +255,9 @@ def rescore(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds
     return out
 
 
-def _holds_answer(chunks: Sequence[ContextChunk], qa: QA) -> bool:
-    bodies = [c.text.lower() for c in chunks]
+def _holds_answer(texts: Sequence[str], qa: QA) -> bool:
+    """Some text holds a gold answer (case-insensitive)."""
+    bodies = [t.lower() for t in texts]
     return any(a.lower() in body for a in qa.answers for body in bodies)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from generation.finetune.data import QA
+from generation.finetune.data import QA, gold_chunk
 from generation.finetune.evaluate import (exact_match_score, f1_score, normalize_answer, sample_items,
                                           score_prediction, summarize)
 
@@ -98,3 +98,30 @@ def test_rescore_and_search_choose_thresholds_from_one_open_run():
     assert summary["abstain_unanswerable"] == 100.0 and summary["abstain_out_of_corpus"] == 100.0
     assert 0.5 <= best["abstain_margin"] < 1.5  # between the answerable (0.5) and unanswerable (1.5) preferences
     assert summary["citation_precision"] == 100.0 and summary["citation_valid"] == 100.0
+
+
+def test_evaluate_items_scores_what_the_serving_path_returns(tiny_model_dir):
+    """Two questions through grounded_generation with a tiny random model: records and summary carry
+    every grounding measure, and a question whose article is not indexed counts as out of corpus."""
+    from generation.finetune.data import Article, Paragraph
+    from generation.finetune.evaluate import evaluate_items, items_of
+    from generation.grounding import Thresholds
+    from generation.loading import load_generator
+
+    generator = load_generator(str(tiny_model_dir), context_window=512)
+    article = Article("Harbor", [Paragraph("The harbor opened in 1852.", [QA("h1", "When did the harbor open?",
+                                                                              ("1852",))])])
+    other = Article("Orchard", [Paragraph("Cider is pressed in October.", [QA("o1", "When is cider pressed?",
+                                                                            ("October",))])])
+    items = items_of([article, other])
+    summary, records = evaluate_items(generator, items, lambda item: [gold_chunk(article, article.paragraphs[0])],
+                                      max_new_tokens=4, timeout_s=None, thresholds=Thresholds(relevance_min=0.5),
+                                      in_corpus=lambda item: item.article.title == "Harbor")
+    by_id = {r["id"]: r for r in records}
+    assert not by_id["h1"]["abstained"] or by_id["h1"]["reason"] in ("unsupported_answer", "model_abstained")
+    assert by_id["o1"]["abstained"] and by_id["o1"]["reason"] == "no_relevant_context"  # no shared term: gated
+    assert by_id["o1"]["generated"] is None and not by_id["o1"]["in_corpus"]
+    assert summary["n"] == 1 and summary["n_out_of_corpus"] == 1 and summary["abstain_out_of_corpus"] == 100.0
+    for key in ("citation_valid", "citation_precision", "unsupported_rate", "abstain_reasons"):
+        assert key in summary
+    assert set(by_id["h1"]["signals"]) >= {"relevance", "dense", "support", "evidence", "abstain_preference"}
