@@ -97,7 +97,8 @@ class Services:
     gate: GenerationGate | None = None
     query_cache: QueryVectorCache | None = None  # outlives retriever swaps (same embedder)
     _adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter ref -> LoadedGenerator, LRU order
-    _adapter_lock: threading.Lock = field(default_factory=threading.Lock)
+    _adapter_lock: threading.Lock = field(default_factory=threading.Lock)  # guards the two dicts
+    _adapter_loads: dict = field(default_factory=dict)  # adapter ref -> threading.Lock held while it loads
 
     def __post_init__(self) -> None:
         if self.query_cache is None and self.settings.query_cache_size:
@@ -108,25 +109,51 @@ class Services:
     def generator_for(self, adapter: str | None) -> Any:
         """The loaded generator serving `adapter` (None: the default; "none": the base model).
 
-        Other adapters are loaded on first use (metadata checked, see build_generator) and kept in a
-        bounded LRU cache. Raises LookupError for an unknown adapter, AdapterMismatch for an incompatible one.
+        `adapter` comes from a request: it is a registry name[@version], never a path. Other adapters than
+        the default are loaded on first use (metadata checked, see build_generator), once: concurrent first
+        users wait for the same load; they are kept in a bounded LRU cache. Blocks while loading, so call
+        it off the event loop. Raises AdapterNotFound (naming the adapter, never a path), AdapterMismatch
+        for an incompatible adapter, AdapterBroken for one that does not load.
         """
+        from generation.adapters import ADAPTER_REF_RE, AdapterNotFound
+
         if self.generator is None:
             raise RuntimeError("the generator is not loaded in this process")
         default = getattr(self.generator, "adapter_name", None)
         key = "none" if adapter is not None and adapter.lower() == "none" else adapter
         if key is None or key == (default or "none") or (default and key == default.split("@")[0]):
             return self.generator
+        if not ADAPTER_REF_RE.match(key):
+            raise AdapterNotFound(f"adapter {key!r}: not an adapter name (name or name@version)")
         with self._adapter_lock:
             if key in self._adapters:
                 self._adapters.move_to_end(key)
                 return self._adapters[key]
-            settings = self.settings.model_copy(update={"adapter": None if key == "none" else adapter})
-            loaded = build_generator(settings, strict=True)
-            self._adapters[key] = loaded
-            while len(self._adapters) > self.settings.adapter_cache_size:
-                self._adapters.popitem(last=False)  # least recently used
+            loading = self._adapter_loads.setdefault(key, threading.Lock())
+        with loading:
+            with self._adapter_lock:
+                if key in self._adapters:  # loaded by the user this one waited for
+                    return self._adapters[key]
+            loaded = self._load_adapter(key)
+            with self._adapter_lock:
+                self._adapters[key] = loaded
+                self._adapter_loads.pop(key, None)
+                while len(self._adapters) > self.settings.adapter_cache_size:
+                    self._adapters.popitem(last=False)  # least recently used
             return loaded
+
+    def _load_adapter(self, ref: str) -> Any:
+        from generation.adapters import AdapterBroken, AdapterMismatch, AdapterNotFound
+
+        settings = self.settings.model_copy(update={"adapter": None if ref == "none" else ref})
+        try:
+            return build_generator(settings, strict=True, registry_only=True)
+        except (AdapterNotFound, AdapterMismatch):
+            raise
+        except Exception as exc:  # a broken adapter folder: the client learns its name, the log the details
+            log.exception("adapter %r failed to load", ref)
+            raise AdapterBroken(f"adapter {ref!r} is in the registry but cannot be loaded "
+                                f"({type(exc).__name__}); see the server log") from None
 
     def refresh_job(self) -> str | None:
         """The id of the queued or running refresh (or rollback) job, if any."""
@@ -266,8 +293,9 @@ def build_services(settings: Settings, *, load_generator: bool = True, reconcile
     return services
 
 
-def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
-    """The base model with the adapter ``settings.adapter`` (a registry name[@version] or a folder).
+def build_generator(settings: Settings, *, strict: bool | None = None, registry_only: bool = False) -> Any:
+    """The base model with the adapter ``settings.adapter`` (a registry name[@version] or a folder; with
+    ``registry_only``, as for a request's adapter, a registry name only and errors naming no path).
 
     The adapter's metadata must match the serving settings (base model, context window and RoPE scaling,
     prompt template version), else AdapterMismatch names both values. When the adapter is the built-in
@@ -284,7 +312,8 @@ def build_generator(settings: Settings, *, strict: bool | None = None) -> Any:
     adapter_path, label, metadata = None, None, {}
     if settings.adapter:
         try:
-            adapter_path, label, metadata = resolve_adapter(settings, settings.adapter, model)
+            adapter_path, label, metadata = resolve_adapter(settings, settings.adapter, model,
+                                                            registry_only=registry_only)
         except (AdapterNotFound, AdapterMismatch) as exc:
             if strict:
                 raise
@@ -335,21 +364,34 @@ def grounding_thresholds(settings: Settings, metadata: dict[str, Any]) -> Any:
     return replace(calibrated, **overrides)
 
 
-def resolve_adapter(settings: Settings, ref: str, model_path: str) -> tuple[str, str, dict[str, Any]]:
-    """(folder, label, metadata) of an adapter reference, its metadata checked against the serving settings."""
+def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
+                    registry_only: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """(folder, label, metadata) of an adapter reference, its metadata checked against the serving settings.
+
+    ``registry_only``: ``ref`` is looked up in the registry alone, and errors name the adapter, not paths."""
     from transformers import AutoConfig
 
-    from generation.adapters import AdapterNotFound, check_compatible, locate, read_metadata
+    from generation.adapters import AdapterNotFound, AdapterRegistry, check_compatible, locate, read_metadata
     from generation.loading import native_context, rope_scaling_for
     from generation.prompt import PROMPT_TEMPLATE_VERSION
 
-    if not (Path(ref) / "adapter_config.json").is_file() and not settings.adapters_path.is_dir():
-        raise AdapterNotFound(f"adapter {ref!r}: the adapter registry {settings.adapters_path} does not exist "
-                              "(set RAG_ADAPTERS_DIR, or RAG_ADAPTER=none to serve the base model)")
-    folder, label = locate(ref, settings.adapters_path)
+    if registry_only:
+        registry = AdapterRegistry(settings.adapters_path)
+        try:
+            found = registry.resolve(ref)
+        except AdapterNotFound:
+            raise AdapterNotFound(f"adapter {ref!r} is not in the registry "
+                                  f"(available: {', '.join(registry.names()) or 'none'})") from None
+        folder, label, where = found.path, found.label, found.label
+    else:
+        if not (Path(ref) / "adapter_config.json").is_file() and not settings.adapters_path.is_dir():
+            raise AdapterNotFound(f"adapter {ref!r}: the adapter registry {settings.adapters_path} does not exist "
+                                  "(set RAG_ADAPTERS_DIR, or RAG_ADAPTER=none to serve the base model)")
+        folder, label = locate(ref, settings.adapters_path)
+        where = f"{label} ({folder})"
     metadata = read_metadata(folder)
     native = native_context(AutoConfig.from_pretrained(model_path))
-    check_compatible(metadata, where=f"{label} ({folder})", base_model=settings.generator_model,
+    check_compatible(metadata, where=where, base_model=settings.generator_model,
                      context_window=settings.context_window,
                      rope_scaling=rope_scaling_for(native, settings.context_window),
                      prompt_template_version=PROMPT_TEMPLATE_VERSION)

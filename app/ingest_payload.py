@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.json_body import MalformedJSON, loads_strict
 from ingestion.documents import Document, utc_now_iso
 
 MAX_ID_CHARS = 512
@@ -99,27 +100,10 @@ def parse_ingest_body(body: bytes, *, max_documents: int, max_document_bytes: in
 
 
 def _load_json(body: bytes) -> Any:
-    # Undecodable bytes become lone surrogates here, so they can be traced to a document and field.
-    text = body.decode("utf-8", errors="surrogateescape")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except json.JSONDecodeError as exc:
-        raise PayloadError(400, f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError as exc:
+        return loads_strict(body)
+    except MalformedJSON as exc:
         raise PayloadError(400, f"malformed JSON body: {exc}") from None
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r} in an object")
-        seen[key] = value
-    return seen
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _normalize_newlines(text: str) -> str:

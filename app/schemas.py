@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from generation.adapters import ADAPTER_REF_RE
+from generation.grounding import AbstainReason
+
 MAX_QUESTION_CHARS = 8000  # hard cap; the configured limit (RAG_MAX_QUESTION_CHARS) is checked in the route
 
 
@@ -33,10 +36,17 @@ class QueryFilters(Strict):
 
 class QueryRequest(Strict):
     question: str = Field(..., max_length=MAX_QUESTION_CHARS)
-    top_k: int | None = Field(None, ge=1, le=50, description="Chunks given to the generator (default from settings).")
+    # strict: true/false are not numbers here
+    top_k: int | None = Field(None, ge=1, le=50, strict=True,
+                              description="Chunks given to the generator (default from settings).")
     filters: QueryFilters | None = None
-    alpha: float | None = Field(None, ge=0.0, le=1.0, description="Weight of the dense score in convex fusion.")
-    adapter: str | None = Field(None, min_length=1, max_length=200, description="Adapter name (default from settings).")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, strict=True,
+                                description="Weight of the dense score in convex fusion.")
+    adapter: str | None = Field(None, min_length=1, max_length=160, pattern=ADAPTER_REF_RE.pattern,
+                                description="Adapter from the registry, name or name@version (default from "
+                                            "settings; \"none\": the base model). Never a path.")
+    stream: bool = Field(False, strict=True, description="Answer as server-sent events (also with "
+                                                         "Accept: text/event-stream).")
 
     @field_validator("question")
     @classmethod
@@ -78,8 +88,6 @@ class Timings(BaseModel):
     total: float
 
 
-AbstainReason = Literal["no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer"]
-
 
 class QueryResponse(BaseModel):
     answer: str = Field(description="A short answer citing [n], or \"I don't know.\" when abstained.")
@@ -87,7 +95,8 @@ class QueryResponse(BaseModel):
     abstain_reason: AbstainReason | None = Field(
         description="no_relevant_context: no retrieved chunk was relevant enough, the generator did not run; "
                     "model_abstained: the generator said it does not know; unsupported_answer: the answer's "
-                    "citations did not support it (RAG_UNSUPPORTED=abstain); empty_answer: nothing was generated.")
+                    "citations did not support it (RAG_UNSUPPORTED=abstain); empty_answer: nothing was generated; "
+                    "incomplete_answer: the answer was cut off (finish_reason length, timeout or cancelled).")
     grounded: bool = Field(description="A cited chunk holds the answer, with the question's terms around it.")
     grounding_score: float = Field(description="Support x evidence of the best cited chunk, 0..1.")
     cited: list[int] = Field(description="Refs the returned answer cites (citations[ref-1]).")
@@ -95,6 +104,10 @@ class QueryResponse(BaseModel):
     citation_repair: Literal["attached", "corrected"] | None = Field(
         None, description="attached: the answer cited nothing and the chunk that supports it was cited; "
                           "corrected: citations that did not support the answer were replaced by the one that does.")
+    finish_reason: Literal["stop", "length", "timeout", "cancelled"] | None = Field(
+        None, description="Why generation ended: stop (complete), length (RAG_MAX_NEW_TOKENS reached), timeout "
+                          "(RAG_GENERATION_TIMEOUT_S), cancelled (the client left); null: the generator did not run. "
+                          "Only a complete answer can be grounded.")
     citations: list[Citation] = Field(description="Every chunk given to (or, without generation, considered "
                                                   "for) the generator, numbered as in the prompt.")
     provenance: Provenance

@@ -126,9 +126,11 @@ class Settings(BaseSettings):
         None, le=0.0, description="Mean token log-probability the answer must reach; unset: the adapter's "
                                   "calibrated value.")
     adapter_cache_size: int = Field(2, ge=1, description="Adapters other than the default kept loaded (LRU).")
-    generation_timeout_s: float = Field(120.0, gt=0)
-    max_concurrent_generations: int = Field(1, ge=1)
-    generation_queue_size: int = Field(4, ge=0)
+    generation_timeout_s: float = Field(120.0, gt=0, description="Wall-clock bound of one generation; an answer "
+                                                                  "cut off by it has finish_reason 'timeout'.")
+    max_concurrent_generations: int = Field(1, ge=1, description="Queries generating at once (per process).")
+    generation_queue_size: int = Field(4, ge=0, description="Queries waiting for a slot; more get 503 + Retry-After.")
+    queue_wait_s: float = Field(30.0, gt=0, description="How long a queued query waits for a slot before its 503.")
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -24,6 +24,8 @@ from typing import Any
 
 METADATA = "metadata.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# name or name@version: what a request may name (never a path: no '/', and no leading '.')
+ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[A-Za-z0-9][A-Za-z0-9._-]{0,49})?$")
 
 
 class AdapterNotFound(LookupError):
@@ -32,6 +34,10 @@ class AdapterNotFound(LookupError):
 
 class AdapterMismatch(ValueError):
     """The adapter was trained for other serving settings than the current ones."""
+
+
+class AdapterBroken(RuntimeError):
+    """The adapter is in the registry but its files do not load."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,19 @@
-"""Answer generation from a packed prompt: greedy decoding, bounded in tokens and wall-clock time."""
+"""Answer generation from a packed prompt: greedy decoding, bounded in tokens and wall-clock time.
+
+Text can be streamed as it is decoded (``on_text``) and a generation cancelled from another thread
+(``cancel``); both are what the HTTP layer's streamed answers and disconnecting clients use.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from generation.loading import LoadedGenerator
 from generation.prompt import ABSTAIN_ANSWER, PackedPrompt, stop_token_ids
@@ -17,7 +24,7 @@ class GenerationResult:
     text: str
     n_prompt_tokens: int
     n_new_tokens: int
-    finish_reason: str = "stop"  # "stop" (end of turn), "length" (max_new_tokens) or "timeout"
+    finish_reason: str = "stop"  # "stop" (end of turn), "length" (max_new_tokens), "timeout" or "cancelled"
     elapsed_s: float = 0.0
     abstain_preference: float | None = None  # first-token logit of the abstention minus the best other one
     # log-probabilities of the generated tokens (end of turn excluded), under the model's own distribution
@@ -57,6 +64,46 @@ class AbstainMargin(LogitsProcessor):
         return scores
 
 
+class TextDeltas(BaseStreamer):
+    """Calls ``on_text`` with each new piece of the decoded answer (end-of-turn tokens left out).
+
+    The whole answer is decoded again at each token and only what was added is passed on, so
+    multi-byte characters split across tokens arrive whole and the deltas join to the final text.
+    """
+
+    def __init__(self, tokenizer, stops: list[int], on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.stops, self.on_text = tokenizer, set(stops), on_text
+        self.ids: list[int] = []
+        self.sent = ""
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() passes the prompt first
+            self._prompt_seen = True
+            return
+        self.ids.extend(t for t in value.reshape(-1).tolist() if t not in self.stops)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its next byte
+            return
+        text = text.lstrip()
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
+class Cancelled(StoppingCriteria):
+    """Stops generation once ``event`` is set (a client went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def generate_answer(
     loaded: LoadedGenerator,
     packed: PackedPrompt,
@@ -64,12 +111,16 @@ def generate_answer(
     max_new_tokens: int,
     timeout_s: float | None = None,
     abstain_margin: float | None = None,
+    on_text: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> GenerationResult:
-    """Greedy-decode an answer to ``packed``; stops at EOS / end of turn, ``max_new_tokens`` or ``timeout_s``.
+    """Greedy-decode an answer to ``packed``; stops at EOS / end of turn, ``max_new_tokens``, ``timeout_s``
+    or when ``cancel`` is set.
 
     ``abstain_margin`` (default: the generator's calibrated one) is what the abstention must win by on
-    the first token (see :class:`AbstainMargin`). On timeout the text generated so far is returned with
-    ``finish_reason="timeout"``.
+    the first token (see :class:`AbstainMargin`). On timeout (or cancellation) the text generated so far
+    is returned with ``finish_reason="timeout"`` (``"cancelled"``). ``on_text`` receives the answer's
+    text as it is decoded (see :class:`TextDeltas`).
     """
     if packed.n_tokens + max_new_tokens > loaded.context_window:
         raise ValueError(
@@ -83,6 +134,9 @@ def generate_answer(
     input_ids = torch.tensor([packed.input_ids], dtype=torch.long, device=device)  # (1, n_prompt)
     margin = loaded.abstain_margin if abstain_margin is None else abstain_margin
     abstain = AbstainMargin(abstain_token_id(tokenizer), margin, input_ids.shape[1])
+
+    stopping = StoppingCriteriaList([Cancelled(cancel)] if cancel is not None else [])
+    streamer = TextDeltas(tokenizer, stops, on_text) if on_text is not None else None
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -100,6 +154,8 @@ def generate_answer(
             pad_token_id=pad_id,
             max_time=timeout_s,
             logits_processor=LogitsProcessorList([abstain]),
+            stopping_criteria=stopping,
+            streamer=streamer,
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -111,6 +167,8 @@ def generate_answer(
 
     if new_ids and new_ids[-1] in stops:
         finish_reason = "stop"
+    elif cancel is not None and cancel.is_set():
+        finish_reason = "cancelled"
     elif n_new >= max_new_tokens:
         finish_reason = "length"
     else:

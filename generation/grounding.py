@@ -35,7 +35,8 @@ import Stemmer
 
 from generation.prompt import ABSTAIN_ANSWER, CITATION_RE, ContextChunk, is_abstention
 
-AbstainReason = Literal["no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer"]
+AbstainReason = Literal["no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer",
+                        "incomplete_answer"]
 UnsupportedPolicy = Literal["abstain", "flag"]
 CitationRepair = Literal["attached", "corrected"]
 
@@ -250,6 +251,7 @@ class Signals:
     evidence: list[float] = field(default_factory=list)
     confidence: float | None = None
     abstain_preference: float | None = None
+    finish_reason: str = "stop"  # the generator's: only "stop" is a complete answer
 
 
 def relevance_signals(question: str, chunks: Sequence[ContextChunk], scorer: Any = None,
@@ -284,7 +286,8 @@ def matches(lexical: Any, dense: Any) -> Any:
 
 
 def measure(question: str, chunks: Sequence[ContextChunk], generated: str, *, confidence: float | None = None,
-            abstain_preference: float | None = None, signals: Signals | None = None) -> Signals:
+            abstain_preference: float | None = None, finish_reason: str = "stop",
+            signals: Signals | None = None) -> Signals:
     """Add the answer's signals (citations, support, evidence) to the context's ``signals``."""
     base = signals or relevance_signals(question, chunks)
     text, cited, removed = clean_citations(generated, len(chunks))
@@ -294,7 +297,8 @@ def measure(question: str, chunks: Sequence[ContextChunk], generated: str, *, co
     evi = [round(evidence(question, span, c.text), 4) if s >= SUPPORT_FOR_EVIDENCE else 0.0
            for c, s in zip(chunks, sup)]
     return replace(base, generated=generated, text=text, cited=cited, removed_citations=removed, support=sup,
-                   evidence=evi, confidence=confidence, abstain_preference=abstain_preference)
+                   evidence=evi, confidence=confidence, abstain_preference=abstain_preference,
+                   finish_reason=finish_reason)
 
 
 SUPPORT_FOR_EVIDENCE = 0.5
@@ -332,9 +336,12 @@ def verdict(signals: Signals, thresholds: Thresholds, unsupported: UnsupportedPo
     text = signals.text if repair is None else f"{span} {''.join(f'[{ref}]' for ref in cited)}"
     confident = (thresholds.confidence_min is None or signals.confidence is None
                  or signals.confidence >= thresholds.confidence_min)
-    grounded = bool(cited) and confident and bool(span)
+    # an answer cut off by the token limit, the deadline or a cancellation is never returned as grounded
+    complete = signals.finish_reason == "stop"
+    grounded = bool(cited) and confident and bool(span) and complete
     if not grounded and unsupported == "abstain":
-        return Decision(**abstain, abstain_reason="unsupported_answer", **common)
+        reason = "unsupported_answer" if complete or not (cited and span) else "incomplete_answer"
+        return Decision(**abstain, abstain_reason=reason, **common)
     if not cited:  # flagged: keep what the model cited, verified or not
         text, cited = signals.text, list(signals.cited)
     score = round(max((score_of[ref - 1] for ref in cited), default=0.0), 4)

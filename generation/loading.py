@@ -105,6 +105,15 @@ class LoadedGenerator:
     abstain_margin: float = 0.0
     # When an answer counts as grounded (generation/grounding.py); calibrated per adapter (its metadata).
     grounding: Thresholds = field(default_factory=Thresholds)
+    adapter_name: str | None = None  # the registry label (name@version) served, None for the base model
+    backend: str = "transformers"
+
+    def generate(self, packed: Any, **kwargs: Any) -> Any:
+        """The generator interface every backend offers (see generation.generate.generate_answer for kwargs):
+        ``generate(packed, max_new_tokens=, timeout_s=, abstain_margin=, on_text=, cancel=) -> GenerationResult``."""
+        from generation.generate import generate_answer
+
+        return generate_answer(self, packed, **kwargs)
 
 
 def bnb_config(quantization: Quantization, device: str) -> Any:

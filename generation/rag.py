@@ -9,11 +9,13 @@ flagged or replaced by the abstention.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from generation.generate import GenerationResult, generate_answer
+from generation.generate import GenerationResult
 from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
                                   relevance_signals, verdict)
 from generation.loading import LoadedGenerator
@@ -51,7 +53,8 @@ class Answer:
     cited: list[int] = field(default_factory=list)
     removed_citations: int = 0
     citation_repair: str | None = None  # "attached" / "corrected" (generation/grounding.py)
-    finish_reason: str | None = None  # the generator's ("stop", "length", "timeout"); None when it did not run
+    finish_reason: str | None = None  # the generator's ("stop", "length", "timeout", "cancelled"); None: not run
+    generated: str | None = None  # what the generator wrote (citations cleaned), before the grounding decision
 
 
 @dataclass
@@ -65,11 +68,14 @@ def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[
                         max_new_tokens: int, timeout_s: float | None = None,
                         unsupported: UnsupportedPolicy = "abstain", thresholds: Thresholds | None = None,
                         abstain_margin: float | None = None, scorer: Any = None,
-                        term_weights: Any = None) -> Grounded:
+                        term_weights: Any = None, on_text: Callable[[str], None] | None = None,
+                        cancel: threading.Event | None = None) -> Grounded:
     """Pack ``chunks``, generate when one is relevant enough, and decide what to return.
 
-    ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py), or None; ``term_weights``
-    the live index's idf (``BM25Index.idf``) for the relevance signal.
+    ``generator`` is any backend with the LoadedGenerator interface (``tokenizer``, ``context_window``,
+    ``grounding``, ``generate``). ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py),
+    or None; ``term_weights`` the live index's idf (``BM25Index.idf``) for the relevance signal.
+    ``on_text`` receives the raw answer as it is generated; the decision may still withdraw it.
     """
     thresholds = thresholds or generator.grounding
     packed = pack_prompt(generator.tokenizer, question, chunks,
@@ -77,10 +83,11 @@ def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[
     signals = relevance_signals(question, packed.chunks, scorer, term_weights)
     if not has_relevant_context(signals, thresholds):
         return Grounded(packed, None, verdict(signals, thresholds, unsupported))
-    result = generate_answer(generator, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
-                             abstain_margin=abstain_margin)
+    result = generator.generate(packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                                abstain_margin=abstain_margin, on_text=on_text, cancel=cancel)
     signals = measure(question, packed.chunks, result.text, confidence=result.mean_logprob,
-                      abstain_preference=result.abstain_preference, signals=signals)
+                      abstain_preference=result.abstain_preference, finish_reason=result.finish_reason,
+                      signals=signals)
     return Grounded(packed, result, verdict(signals, thresholds, unsupported))
 
 
@@ -101,13 +108,14 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
                     generator: LoadedGenerator, provenance: dict, top_k: int, max_new_tokens: int,
                     timeout_s: float | None = None, filters: Filters | None = None,
                     alpha: float | None = None, unsupported: UnsupportedPolicy = "abstain",
-                    scorer: Any = None) -> Answer:
+                    scorer: Any = None, on_text: Callable[[str], None] | None = None,
+                    cancel: threading.Event | None = None) -> Answer:
     started = time.perf_counter()
     context = retrieve_context(retriever, ledger, generation, question, top_k, filters=filters, alpha=alpha)
     retrieved = time.perf_counter()
     grounded = grounded_generation(generator, question, context, max_new_tokens=max_new_tokens,
                                    timeout_s=timeout_s, unsupported=unsupported, scorer=scorer,
-                                   term_weights=retriever.bm25.idf)
+                                   term_weights=retriever.bm25.idf, on_text=on_text, cancel=cancel)
     finished = time.perf_counter()
     decision = grounded.decision
     citations = [

@@ -166,9 +166,10 @@ def test_response_schema_carries_the_grounding_fields(client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     response = schema["QueryResponse"]
     for name in ("abstained", "abstain_reason", "grounded", "grounding_score", "cited", "removed_citations",
-                 "citation_repair"):
+                 "citation_repair", "finish_reason"):
         assert name in response["properties"], name
     reasons = response["properties"]["abstain_reason"]["anyOf"][0]["enum"]
-    assert set(reasons) == {"no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer"}
+    assert set(reasons) == {"no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer",
+                            "incomplete_answer"}
     citation = schema["Citation"]["properties"]
     assert {"relevance", "answerability", "dense_score", "supports_answer"} <= set(citation)
