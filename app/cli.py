@@ -137,12 +137,16 @@ def query(
     alpha: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON response.")] = False,
     local: Annotated[bool, typer.Option(help="Answer in this process even if a service is running.")] = False,
+    stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
 ) -> None:
     """Answer a question with citations (through the running service when there is one)."""
     settings = load_settings()
     body = {"question": question, **({"top_k": top_k} if top_k else {}), **({"alpha": alpha} if alpha is not None else {})}
     client = None if local else running_service(settings)
-    if client is not None:
+    show = (lambda text: typer.echo(text, nl=False)) if stream and not as_json else None
+    if client is not None and stream:
+        result = _streamed_query(client, body, show)
+    elif client is not None:
         response = client.post("/query", json=body)
         if response.status_code != 200:
             fail(f"{response.status_code}: {response.json().get('detail')}")
@@ -157,7 +161,7 @@ def query(
             generation=services.generation.generation, generator=services.generator,
             provenance=services.provenance(), top_k=top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s, alpha=alpha,
-            unsupported=settings.unsupported, scorer=services.reranker,
+            unsupported=settings.unsupported, scorer=services.reranker, on_text=show,
         )
         from app.schemas import QueryResponse
 
@@ -165,7 +169,10 @@ def query(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.secho(result["answer"], bold=True)
+    if show is not None:
+        typer.echo()  # after the streamed text; the decision below may withdraw it
+    if show is None or result.get("abstained"):
+        typer.secho(result["answer"], bold=True)
     if result.get("abstained"):
         typer.echo(f"(abstained: {result['abstain_reason']})")
     elif not result.get("grounded", True):
@@ -177,6 +184,25 @@ def query(
         mark = "*" if c["ref"] in result.get("cited", []) else " "
         typer.echo(f" {mark}[{c['ref']}] {where}  (score {c['score']:.3f}, relevance {c.get('relevance', 0):.2f})")
     typer.echo(f"\n{json.dumps(result['timings_ms'])}")
+
+
+def _streamed_query(client, body: dict, show) -> dict:
+    """POST /query as server-sent events: each delta to ``show``, the final answer event returned."""
+    from httpx_sse import connect_sse
+
+    with connect_sse(client, "POST", "/query", json={**body, "stream": True}) as source:
+        if source.response.status_code != 200:
+            source.response.read()
+            fail(f"{source.response.status_code}: {source.response.json().get('detail')}")
+        for event in source.iter_sse():
+            data = json.loads(event.data)
+            if event.event == "delta" and show is not None:
+                show(data["text"])
+            elif event.event == "answer":
+                return data
+            elif event.event == "error":
+                fail(f"{data['status']}: {data['detail']}")
+    fail("the service closed the stream before its answer")
 
 
 @cli.command()

@@ -134,6 +134,10 @@ class Health(BaseModel):
     refresh_job_id: str | None = None
     previous_generation: int | None = None
     generator_loaded: bool = True
+    generator_backend: str = "transformers"
+    generations_running: int = Field(0, description="Queries generating now (at most RAG_MAX_CONCURRENT_GENERATIONS).")
+    generations_waiting: int = Field(0, description="Queries queued for a slot (at most RAG_GENERATION_QUEUE_SIZE).")
+    queries_rejected: int = Field(0, description="Queries answered 503 busy since the service started.")
 
 
 class JobAccepted(BaseModel):

@@ -340,7 +340,7 @@ def verdict(signals: Signals, thresholds: Thresholds, unsupported: UnsupportedPo
     complete = signals.finish_reason == "stop"
     grounded = bool(cited) and confident and bool(span) and complete
     if not grounded and unsupported == "abstain":
-        reason = "unsupported_answer" if complete or not (cited and span) else "incomplete_answer"
+        reason = "unsupported_answer" if complete else "incomplete_answer"
         return Decision(**abstain, abstain_reason=reason, **common)
     if not cited:  # flagged: keep what the model cited, verified or not
         text, cited = signals.text, list(signals.cited)

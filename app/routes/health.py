@@ -28,4 +28,8 @@ def health(services: ServicesDep) -> Health:
         refresh_job_id=refresh_job,
         previous_generation=previous[-1].generation if previous else None,
         generator_loaded=services.generator is not None,
+        generator_backend=getattr(services.generator, "backend", "transformers"),
+        generations_running=services.gate.running,
+        generations_waiting=services.gate.waiting,
+        queries_rejected=services.gate.rejected,
     )

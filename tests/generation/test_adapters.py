@@ -141,3 +141,47 @@ def test_services_load_adapters_on_demand_in_a_bounded_cache(tmp_path, tiny_mode
     assert services.generator_for("qa") is not qa  # evicted: the cache holds one adapter
     with pytest.raises(LookupError, match="'nope'"):
         services.generator_for("nope")
+
+
+def test_concurrent_first_users_of_an_adapter_share_one_load(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    import threading
+
+    import app.container as container
+    from app.container import Services
+
+    AdapterRegistry(tmp_path / "reg").publish("qa", real_adapter(tmp_path / "a", tiny_model_dir))
+    settings = tiny_settings(tmp_path, tiny_model_dir, adapters_dir=tmp_path / "reg")
+    services = Services(settings=settings, ledger=None, chroma=None, embedder=None, chunker=None,  # type: ignore[arg-type]
+                        live=None, generator=build_generator(settings))
+    loads = []
+    real_build = container.build_generator
+    monkeypatch.setattr(container, "build_generator", lambda *a, **k: loads.append(1) or real_build(*a, **k))
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(services.generator_for("qa"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+    assert got[0].adapter_name == "qa@v1"
+
+
+def test_a_request_adapter_is_a_registry_name_never_a_folder(tmp_path, tiny_model_dir) -> None:
+    from app.container import Services
+    from generation.adapters import AdapterBroken, AdapterNotFound
+
+    folder = real_adapter(tmp_path / "outside", tiny_model_dir)  # a valid adapter, but not in the registry
+    registry = AdapterRegistry(tmp_path / "reg")
+    broken = real_adapter(tmp_path / "b", tiny_model_dir)
+    (broken / "adapter_config.json").write_text("{not json")
+    registry.publish("broken", broken)
+    settings = tiny_settings(tmp_path, tiny_model_dir, adapters_dir=tmp_path / "reg")
+    services = Services(settings=settings, ledger=None, chroma=None, embedder=None, chunker=None,  # type: ignore[arg-type]
+                        live=None, generator=build_generator(settings))
+    for ref in (str(folder), f"../{folder.name}", "qa/../../outside"):
+        with pytest.raises(AdapterNotFound) as raised:
+            services.generator_for(ref)
+        assert str(tmp_path) not in str(raised.value).replace(ref, "")
+    with pytest.raises(AdapterBroken, match="'broken'") as raised:
+        services.generator_for("broken")
+    assert str(tmp_path) not in str(raised.value)

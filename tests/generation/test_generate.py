@@ -122,3 +122,32 @@ def test_generation_records_token_logprobs_of_the_answer(scaled) -> None:
     expected = result.n_new_tokens - (result.finish_reason == "stop")
     assert len(result.token_logprobs) == expected
     assert result.mean_logprob == sum(result.token_logprobs) / len(result.token_logprobs)
+
+
+def test_streamed_text_joins_to_the_answer(scaled) -> None:
+    from generation.prompt import ContextChunk, pack_prompt
+
+    packed = pack_prompt(scaled.tokenizer, "Who?", [ContextChunk(text="Nobody.", chunk_id="c", document_id="d")],
+                         context_window=scaled.context_window, max_new_tokens=12)
+    deltas: list[str] = []
+    result = scaled.generate(packed, max_new_tokens=12, on_text=deltas.append)
+    assert len(deltas) > 1 and "".join(deltas) == result.text
+    assert result.text == generate_answer(scaled, packed, max_new_tokens=12).text  # streaming changes nothing
+
+
+def test_cancelling_stops_generation_at_the_next_token(scaled) -> None:
+    import threading
+
+    from generation.prompt import pack_prompt
+
+    packed = pack_prompt(scaled.tokenizer, "Go on.", [], context_window=scaled.context_window, max_new_tokens=500)
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def leave_after_three(text: str) -> None:
+        seen.append(text)
+        if len(seen) == 3:
+            cancel.set()  # what a disconnecting client's stream does
+
+    result = generate_answer(scaled, packed, max_new_tokens=500, on_text=leave_after_three, cancel=cancel)
+    assert result.finish_reason == "cancelled" and result.n_new_tokens < 20

@@ -49,6 +49,17 @@ def test_supported_span_from_a_sentence_about_something_else_has_no_evidence():
     assert decision.abstained and decision.abstain_reason == "unsupported_answer"
 
 
+@pytest.mark.parametrize("finish_reason", ["length", "timeout", "cancelled"])
+def test_a_cut_off_answer_is_never_grounded(finish_reason):
+    """Old main returned a timed-out generation ("2") as the answer; only a complete one can be grounded."""
+    signals = measure(VACATION_Q, CHUNKS, "28 vacation days [2]", finish_reason=finish_reason)
+    decision = verdict(signals, THRESHOLDS)
+    assert decision.abstained and decision.abstain_reason == "incomplete_answer" and not decision.grounded
+    flagged = verdict(signals, THRESHOLDS, "flag")
+    assert not flagged.abstained and not flagged.grounded and flagged.answer == "28 vacation days [2]"
+    assert verdict(measure(VACATION_Q, CHUNKS, "28 vacation days [2]", finish_reason="stop"), THRESHOLDS).grounded
+
+
 def test_flag_policy_returns_the_unsupported_answer_marked_not_grounded():
     decision = decide("What is the capital of France?", "Paris [3]", thresholds=Thresholds(), unsupported="flag")
     assert not decision.abstained and not decision.grounded

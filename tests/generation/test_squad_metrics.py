@@ -118,7 +118,8 @@ def test_evaluate_items_scores_what_the_serving_path_returns(tiny_model_dir):
                                       max_new_tokens=4, timeout_s=None, thresholds=Thresholds(relevance_min=0.5),
                                       in_corpus=lambda item: item.article.title == "Harbor")
     by_id = {r["id"]: r for r in records}
-    assert not by_id["h1"]["abstained"] or by_id["h1"]["reason"] in ("unsupported_answer", "model_abstained")
+    assert not by_id["h1"]["abstained"] or by_id["h1"]["reason"] in ("unsupported_answer", "model_abstained",
+                                                                           "incomplete_answer")
     assert by_id["o1"]["abstained"] and by_id["o1"]["reason"] == "no_relevant_context"  # no shared term: gated
     assert by_id["o1"]["generated"] is None and not by_id["o1"]["in_corpus"]
     assert summary["n"] == 1 and summary["n_out_of_corpus"] == 1 and summary["abstain_out_of_corpus"] == 100.0
