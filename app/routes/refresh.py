@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from app.container import Services
 from app.deps import AdminKey, ServicesDep
+from app.openapi import error_responses
 from app.worker import submit_refresh
 
 router = APIRouter(tags=["ops"], dependencies=[AdminKey])
@@ -26,11 +27,11 @@ async def _submit(services: Services, kind: str) -> JSONResponse:
                         headers={"Location": response["status_url"]})
 
 
-@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 409))
 async def refresh(services: ServicesDep) -> JSONResponse:
     return await _submit(services, "refresh")
 
 
-@router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 409))
 async def rollback(services: ServicesDep) -> JSONResponse:
     return await _submit(services, "rollback")
