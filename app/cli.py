@@ -75,6 +75,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     from app.container import build_services
     from ingestion.ledger import writer_lock
     from ingestion.loaders import LoaderError, load_documents
+    from ingestion.storage_errors import StorageFull, disk_full
 
     try:
         documents = load_documents(paths)
@@ -83,13 +84,23 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     if not documents:
         fail("no documents found in " + ", ".join(map(str, paths)))
     with writer_lock(settings.data_dir):
-        services = build_services(settings, load_generator=False, reconcile=True)
-        with tqdm(total=len(documents), desc="ingest", unit="doc") as bar:
-            def progress(done: int, total: int) -> None:
-                bar.update(min(done, len(documents)) - bar.n)
+        try:
+            services = build_services(settings, load_generator=False, reconcile=True)
+        except Exception as exc:  # opening or reconciling on a full disk
+            full = disk_full(exc, "data", settings.data_dir)
+            if full is None:
+                raise
+            fail(str(full))
+        try:
+            with tqdm(total=len(documents), desc="ingest", unit="doc") as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.update(min(done, len(documents)) - bar.n)
 
-            counts = services.indexer().apply(documents, progress=progress)
-        services.ledger.close()
+                counts = services.indexer().apply(documents, progress=progress)
+        except StorageFull as exc:
+            fail(f"{exc} ({services.recover_from_full_disk()})")
+        finally:
+            services.ledger.close()
     return counts.as_dict()
 
 

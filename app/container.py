@@ -25,6 +25,7 @@ from ingestion.embedder import Embedder
 from ingestion.indexer import Indexer
 from ingestion.ledger import GenerationRow, Ledger
 from ingestion.refresh import REFRESH_KINDS, RefreshConfig, RefreshContext, drop_retired_generations
+from ingestion.storage_errors import disk_full
 from retrieval.bm25 import BM25Index
 from retrieval.dense import DenseIndex, chroma_client
 from retrieval.hybrid import HybridRetriever, QueryVectorCache
@@ -99,6 +100,9 @@ class Services:
     _adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter ref -> LoadedGenerator, LRU order
     _adapter_lock: threading.Lock = field(default_factory=threading.Lock)  # guards the two dicts
     _adapter_loads: dict = field(default_factory=dict)  # adapter ref -> threading.Lock held while it loads
+    # set when a write hit a full disk, cleared once Chroma is reopened and the live generation reconciled
+    storage_dirty: bool = False
+    unrecorded_failures: dict[str, str] = field(default_factory=dict)  # job id -> error the full ledger refused
 
     def __post_init__(self) -> None:
         if self.query_cache is None and self.settings.query_cache_size:
@@ -203,7 +207,52 @@ class Services:
                        bm25_root=bm25_root(self.settings, live.generation), chunker=self.chunker,
                        embedder=self.embedder, bm25_language=self.settings.bm25_language,
                        batch_documents=self.settings.ingest_batch_documents,
-                       on_bm25_rebuilt=lambda bm25: self.use_bm25(bm25, number))
+                       on_bm25_rebuilt=lambda bm25: self.use_bm25(bm25, number),
+                       chroma_path=None if self.settings.chroma_host else self.settings.chroma_path,
+                       min_free_bytes=self.settings.min_free_disk_mb * 1024 * 1024)
+
+    def recover_from_full_disk(self) -> str:
+        """After a write hit a full disk: reopen embedded Chroma, reconcile the live generation with the
+        ledger, drop what a failed refresh left. Returns what happened, for the job's or command's error;
+        until it succeeds ``storage_dirty`` stays set and nothing writes through the old client.
+
+        An embedded chromadb 1.5.9 client whose write hit a full disk can hang on a later write, holding
+        the GIL (the whole process stops), so it is stopped and a fresh one opened.
+        """
+        self.storage_dirty = True
+        try:
+            with self.write_lock:
+                self._reopen_chroma()
+                report = self.indexer().reconcile()
+                self.collect_garbage()
+        except Exception as exc:
+            full = disk_full(exc, "data", self.settings.data_dir)
+            log.error("stores not reconciled after a full disk: %s", full or exc)
+            return f"ledger, Chroma and BM25 not reconciled yet ({'still full' if full else exc}); " \
+                   "the next job or start reconciles them"
+        self.storage_dirty = False
+        count = self.ledger.count_chunks(self.generation.generation)
+        log.info("stores reconciled after a full disk: %s", report)
+        return f"ledger, Chroma and BM25 reconciled: {count} chunks each"
+
+    def _reopen_chroma(self) -> None:
+        if self.settings.chroma_host:
+            return
+        from chromadb.api.client import SharedSystemClient
+
+        old = self.chroma._system
+        SharedSystemClient.clear_system_cache()  # else the same path gives back the same client
+        client = chroma_client(path=self.settings.chroma_path)
+        live = self.live
+        if live is not None:
+            dense = DenseIndex(client, live.generation.collection, embedding_model=live.dense.embedding_model,
+                               dimension=live.dense.dimension)
+            self.live = LiveIndex(live.generation, dense, self.make_retriever(live.retriever.bm25, dense))
+        self.chroma = client
+        try:
+            old.stop()  # a reader still holding it gets an error, not a hang
+        except Exception:
+            log.debug("old Chroma client not stopped", exc_info=True)
 
     @contextmanager
     def ingest_turn(self) -> Iterator[None]:

@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     ingest_batch_documents: int = Field(64, ge=1, description="Documents per checkpointed step of a job.")
     job_max_attempts: int = Field(5, ge=1, description="A job interrupted this many times is failed.")
+    min_free_disk_mb: int = Field(64, ge=0, description="An ingest step is refused (disk full) when a store's "
+                                  "disk has less free; 0 disables the check.")
     refresh_cron: str = Field("0 3 * * sun", description="Weekly full refresh, crontab syntax; empty disables.")
     refresh_timezone: str = Field("UTC", description="Time zone of RAG_REFRESH_CRON.")
     refresh_min_chunk_ratio: float = Field(0.8, gt=0)

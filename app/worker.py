@@ -7,6 +7,11 @@ found 'running' was interrupted (the process died or stopped) and resumes where 
 ``python -m app.worker`` opens the data directory for writing (the single-writer lock), reconciles the
 live generation, resumes every unfinished job, and exits: what a restart does, without the HTTP server
 or the generator (the crash tests kill and restart it).
+
+A job that hits a full disk fails at once with an error naming the disk and path (no retries: nothing
+changes until space is freed), after the stores are reconciled (``Services.recover_from_full_disk``).
+When the full ledger refuses even that failure, it is kept in memory and written before anything else
+runs; the job is not run again.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from app.container import Services, refresh_config
 from ingestion.jobs import JobInterrupted, run_ingest_job
 from ingestion.ledger import JobRow
 from ingestion.refresh import REFRESH_KINDS, RefreshFailed, run_refresh_job
+from ingestion.storage_errors import StorageFull, disk_full, raise_if_full
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,17 @@ def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] 
             report: Report | None = None) -> str:
     """Run or resume one job to its end; returns its final status ('running' if interrupted)."""
     ledger = services.ledger
-    job = ledger.start_job(job.job_id)
+    if job.job_id in services.unrecorded_failures:
+        return _fail(services, job.job_id, services.unrecorded_failures[job.job_id])
+    try:
+        job = ledger.start_job(job.job_id)
+    except Exception as exc:  # a ledger too full to start the job: it stays queued, the worker tries again later
+        raise_if_full(exc, "ledger", ledger.path)
+        raise
+    if services.storage_dirty:  # an earlier write hit a full disk and the stores are not reconciled yet
+        note = services.recover_from_full_disk()
+        if services.storage_dirty:
+            return _fail_full(services, job.job_id, StorageFull("data", services.settings.data_dir), note)
     if job.progress["attempts"] > services.settings.job_max_attempts:
         ledger.finish_job(job.job_id, "failed", error=f"interrupted {job.progress['attempts'] - 1} times; gave up "
                           "(RAG_JOB_MAX_ATTEMPTS)")
@@ -52,14 +69,34 @@ def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] 
         if should_stop():
             log.warning("job %s stopped by shutdown (%s); it resumes at the next start", job.job_id, exc)
             return "running"
+        full = disk_full(exc, "data", services.settings.data_dir)
+        if full is not None:
+            return _fail_full(services, job.job_id, full, services.recover_from_full_disk())
         if not isinstance(exc, RefreshFailed):
             log.exception("job %s failed", job.job_id)
-        ledger.finish_job(job.job_id, "failed", error=f"{type(exc).__name__}: {exc}"
-                          if not isinstance(exc, RefreshFailed) else str(exc))
-        return "failed"
+        return _fail(services, job.job_id, f"{type(exc).__name__}: {exc}"
+                     if not isinstance(exc, RefreshFailed) else str(exc))
     ledger.finish_job(job.job_id, "succeeded")
     log.info("job %s (%s) succeeded", job.job_id, job.kind)
     return "succeeded"
+
+
+def _fail(services: Services, job_id: str, error: str) -> str:
+    """Record the job as failed; when the ledger refuses (full: StorageFull), the error is kept in memory."""
+    try:
+        services.ledger.finish_job(job_id, "failed", error=error)
+    except Exception as exc:
+        services.unrecorded_failures[job_id] = error  # written before the job could run again
+        raise_if_full(exc, "ledger", services.ledger.path)
+        raise
+    services.unrecorded_failures.pop(job_id, None)
+    return "failed"
+
+
+def _fail_full(services: Services, job_id: str, full: StorageFull, note: str) -> str:
+    error = f"{full} ({note})"
+    log.error("job %s failed: %s", job_id, error)
+    return _fail(services, job_id, error)
 
 
 def run_pending(services: Services, kinds: Sequence[str] = ALL_KINDS, *,
@@ -83,6 +120,7 @@ class JobWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._recovery_tried = 0.0
 
     def start(self) -> "JobWorker":
         self._thread.start()
@@ -97,6 +135,14 @@ class JobWorker:
         self._wake.set()
         self._thread.join(timeout)
 
+    def _recovery_due(self, every_s: float = 60.0) -> bool:
+        if not (self.services.storage_dirty and self.kinds == INGEST_KINDS):
+            return False
+        if time.monotonic() - self._recovery_tried < every_s:
+            return False
+        self._recovery_tried = time.monotonic()
+        return True
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
@@ -105,8 +151,14 @@ class JobWorker:
                 if jobs:
                     run_job(self.services, jobs[0], should_stop=self._stop.is_set)
                     continue
-            except Exception:  # the ledger itself failed: keep the thread alive, try again later
-                log.exception("job worker %s", self._thread.name)
+                if self._recovery_due():  # reconcile once space is back, without waiting for a job
+                    self.services.recover_from_full_disk()
+            except Exception as exc:  # the ledger itself failed (full?): keep the thread alive, try again later
+                full = disk_full(exc, "ledger", self.services.ledger.path)
+                if full is not None:
+                    log.error("job worker %s: %s", self._thread.name, full)
+                else:
+                    log.exception("job worker %s", self._thread.name)
             self._wake.wait(self.poll_s)
 
 
@@ -188,6 +240,9 @@ def main() -> int:
     except DataDirLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except StorageFull as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     log.info("jobs: %s", results)
     return 0
 

@@ -12,18 +12,24 @@ what is missing, rebuilding BM25), and is run at start-up and after any interrup
 A job resumes exactly: ``apply`` takes a ``checkpoint`` that runs inside each step's ledger transaction
 (step 2 above) with that step's counts, so a job's progress and counts commit with the changes they
 describe, and ``start`` skips the items a previous attempt committed.
+
+A full disk (or one under ``min_free_bytes``, checked before every step) ends a write with
+``StorageFull`` naming the store and its path; the step's ledger transaction is rolled back, so the state
+left is one ``reconcile`` repairs, like a crash's.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ingestion.documents import Chunk, Document
 from ingestion.ledger import GenerationRow, Ledger
+from ingestion.storage_errors import raise_if_full, require_free
 from retrieval.bm25 import BM25Index
 from retrieval.dense import DenseIndex
 
@@ -67,6 +73,8 @@ class Indexer:
     bm25_language: str = "english"
     batch_documents: int = 64
     on_bm25_rebuilt: Callable[[BM25Index], None] | None = field(default=None, repr=False)
+    chroma_path: Path | None = None  # embedded Chroma's folder (None: a Chroma server), for disk-full reports
+    min_free_bytes: int = 0  # refuse a step when a store's disk has less free (0: no check)
 
     def apply(self, documents: Sequence[Document], deletes: Sequence[str] = (), *,
               progress: Progress | None = None, rebuild_bm25: bool = True, start: int = 0,
@@ -80,17 +88,42 @@ class Indexer:
         total = len(documents) + len(deletes)
         for begin in range(start, len(documents), self.batch_documents):
             end = min(begin + self.batch_documents, len(documents))
-            counts.add(self._apply_batch(documents[begin:end], done=end, checkpoint=checkpoint))
+            with self._writes():
+                self._require_free()
+                counts.add(self._apply_batch(documents[begin:end], done=end, checkpoint=checkpoint))
             if progress:
                 progress(end, total)
         for begin in range(max(start - len(documents), 0), len(deletes), DELETE_STEP):
             end = min(begin + DELETE_STEP, len(deletes))
-            counts.add(self._delete(deletes[begin:end], done=len(documents) + end, checkpoint=checkpoint))
+            with self._writes():
+                counts.add(self._delete(deletes[begin:end], done=len(documents) + end, checkpoint=checkpoint))
             if progress:
                 progress(len(documents) + end, total)
         if rebuild_bm25 and (counts.chunks_written or counts.chunks_removed or self._bm25_missing()):
             self.rebuild_bm25()
         return counts
+
+    @contextmanager
+    def _writes(self) -> Iterator[None]:
+        """Re-raise a disk-full error of any store as StorageFull naming that store and its path."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error):
+                store, path = "ledger", self.ledger.path
+            elif type(exc).__module__.startswith("chromadb"):
+                store, path = "chroma", self.chroma_path
+            else:
+                store, path = "bm25", self.bm25_root
+            raise_if_full(exc, store, path)
+            raise
+
+    def _require_free(self) -> None:
+        stores = [("ledger", self.ledger.path), ("bm25", self.bm25_root)]
+        if self.chroma_path is not None:
+            stores.append(("chroma", self.chroma_path))
+        for store, path in stores:
+            require_free(store, path, self.min_free_bytes)
 
     def _apply_batch(self, documents: Sequence[Document], *, done: int = 0,
                      checkpoint: Checkpoint | None = None) -> IngestCounts:
@@ -166,6 +199,10 @@ class Indexer:
 
     def rebuild_bm25(self, *, show_progress: bool = False) -> BM25Index:
         """Rebuild BM25 from the ledger's chunks of this generation and switch it in atomically."""
+        with self._writes():
+            return self._rebuild_bm25(show_progress)
+
+    def _rebuild_bm25(self, show_progress: bool) -> BM25Index:
         ids, texts, document_ids, sources, sections = [], [], [], [], []
         for chunk in self.ledger.iter_chunks(self.generation.generation):
             ids.append(chunk.chunk_id)
@@ -182,6 +219,10 @@ class Indexer:
 
     def reconcile(self, *, bm25: bool = True) -> dict[str, int]:
         """Make Chroma (and, unless `bm25` is False, BM25) hold exactly the ledger's chunk ids for this generation."""
+        with self._writes():
+            return self._reconcile(bm25)
+
+    def _reconcile(self, bm25: bool) -> dict[str, int]:
         gen = self.generation.generation
         wanted = self.ledger.chunk_ids(gen)
         present = set(self.dense.iter_ids())
@@ -197,7 +238,7 @@ class Indexer:
             index = BM25Index.load(self.bm25_root, language=self.bm25_language)
             rebuilt = index is None or set(index.ids.tolist()) != wanted
             if rebuilt:
-                self.rebuild_bm25()
+                self._rebuild_bm25(False)
         report = {"orphans_removed": len(orphans), "missing_embedded": len(missing), "bm25_rebuilt": int(rebuilt)}
         if orphans or missing or rebuilt:
             log.info("reconciled generation %s: %s", gen, report)

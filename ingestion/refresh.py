@@ -39,6 +39,7 @@ from ingestion.chunker import split_sentences
 from ingestion.indexer import DELETE_STEP, Indexer
 from ingestion.jobs import JobInterrupted, Report
 from ingestion.ledger import DocumentRow, GenerationRow, JobRow, Ledger
+from ingestion.storage_errors import is_disk_full
 from retrieval.bm25 import BM25Index
 from retrieval.dense import DenseIndex, EmbeddingModelMismatch, drop_collection
 
@@ -277,13 +278,14 @@ def run_refresh_job(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> 
         return _refresh(ctx, config, job)
     except JobInterrupted:
         raise
-    except Exception:
+    except Exception as exc:
         current = ctx.ledger.get_job(job.job_id)
         number = (current.progress if current else job.progress).get("generation")
         building = ctx.ledger.generation(number) if number is not None else None
         if building is not None and building.state == "building":
             ctx.ledger.set_generation_state(building.generation, "failed")
-            drop_retired_generations(ctx)
+            if not is_disk_full(exc, ctx.chroma_path):  # a client that hit a full disk may hang: dropped later
+                drop_retired_generations(ctx)
         raise
 
 
@@ -343,7 +345,8 @@ def _rollback(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict:
 def _builder(ctx: RefreshContext, config: RefreshConfig, generation: GenerationRow,
              dense: DenseIndex) -> GenerationBuilder:
     indexer = Indexer(ledger=ctx.ledger, generation=generation, dense=dense, bm25_root=ctx.bm25_root(generation),
-                      chunker=ctx.chunker, embedder=ctx.embedder, bm25_language=config.bm25_language)
+                      chunker=ctx.chunker, embedder=ctx.embedder, bm25_language=config.bm25_language,
+                      chroma_path=ctx.chroma_path)
     return GenerationBuilder(ctx.ledger, generation, dense, indexer, batch_documents=config.batch_documents)
 
 

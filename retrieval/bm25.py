@@ -64,16 +64,20 @@ class BM25Index:
         """Write a complete build beside the current one, then point CURRENT at it (atomic)."""
         root.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f"build-{int(time.time() * 1000)}-", dir=root))
-        if len(self.ids):
-            self.retriever.save(str(build))
-        self.tokenizer.save_vocab(str(build))
-        self.tokenizer.save_stopwords(str(build))
-        np.save(build / "ids.npy", self.ids)
-        for name, column in self.columns.items():
-            np.save(build / f"col_{name}.npy", column)
-        (build / "done").write_text(json.dumps({"n": len(self.ids)}))
-        pointer_tmp = root / "CURRENT.tmp"
-        pointer_tmp.write_text(build.name)
+        try:
+            if len(self.ids):
+                self.retriever.save(str(build))
+            self.tokenizer.save_vocab(str(build))
+            self.tokenizer.save_stopwords(str(build))
+            np.save(build / "ids.npy", self.ids)
+            for name, column in self.columns.items():
+                np.save(build / f"col_{name}.npy", column)
+            (build / "done").write_text(json.dumps({"n": len(self.ids)}))
+            pointer_tmp = root / "CURRENT.tmp"
+            pointer_tmp.write_text(build.name)
+        except BaseException:  # a failed build (a full disk) gives its space back at once
+            shutil.rmtree(build, ignore_errors=True)
+            raise
         os.replace(pointer_tmp, root / "CURRENT")  # the switch: one rename
         _remove_stale_builds(root, keep=build.name)
         self.path = build
