@@ -82,3 +82,29 @@ def test_eval_generation_rejects_corpus_in_gold_mode(tmp_path):
     result = subprocess.run([sys.executable, "-m", "app.cli", "eval", "generation", "--data", str(data),
                              "--mode", "gold", "--corpus", str(data)], capture_output=True, text=True)
     assert result.returncode == 1 and "--corpus needs --mode retrieval" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("env", "mentions"), [
+    ({"RAG_CHROMA_HOST": "127.0.0.1", "RAG_CHROMA_PORT": "{free_port}"}, "RAG_CHROMA_HOST"),
+    ({"RAG_EMBEDDING_MODEL": "intfloat/e5-large-v2"}, "RAG_EMBEDDING_MODEL='intfloat/e5-large-v2'"),
+    ({"RAG_GENERATOR_MODEL": "meta-llama/Llama-2-13b-hf"}, "RAG_GENERATOR_MODEL='meta-llama/Llama-2-13b-hf'"),
+])
+@pytest.mark.parametrize("command", [["query", "anything", "--local"], ["serve"]])
+def test_a_missing_part_is_one_line_naming_its_setting(tmp_path, env, mentions, command):
+    """Old main: the production profile ended in raw tracebacks for an absent Chroma server and e5-large-v2."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    values = {key: value.replace("{free_port}", port) for key, value in env.items()}
+    environment = {**os.environ, "RAG_DATA_DIR": str(tmp_path / "data"), "HF_HOME": str(tmp_path / "hf"),
+                   "HF_HUB_OFFLINE": "1", **values}
+    result = subprocess.run([sys.executable, "-m", "app.cli", *command], env=environment, capture_output=True,
+                            text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and mentions in errors[0], result.stderr
