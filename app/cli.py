@@ -72,6 +72,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     """Load every file first (a bad file or line stops everything before a write), then index."""
     from tqdm import tqdm
 
+    from ingestion.progress import chunk_postfix
     from app.container import build_services
     from ingestion.ledger import writer_lock
     from ingestion.loaders import LoaderError, load_documents
@@ -96,7 +97,9 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
                 def progress(done: int, total: int) -> None:
                     bar.update(min(done, len(documents)) - bar.n)
 
-                counts = services.indexer().apply(documents, progress=progress)
+                indexer = services.indexer()
+                indexer.on_embedded = chunk_postfix(bar)  # the bar moves within a batch of documents
+                counts = indexer.apply(documents, progress=progress)
         except StorageFull as exc:
             fail(f"{exc} ({services.recover_from_full_disk()})")
         finally:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from app.cli import fail, load_settings, running_service
+from ingestion.progress import chunks_and_rate
 
 
 def register(cli: typer.Typer) -> None:
@@ -111,4 +112,7 @@ class _ProgressBar:
             self.bar.total = total
         self.bar.n = min(done, total) if total else done
         self.bar.set_description(f"{self.kind}: {progress.get('phase', 'queued')}")
+        chunks = int(progress.get("chunks_embedded", 0) or 0)
+        if chunks:
+            self.bar.set_postfix_str(chunks_and_rate(chunks, self.bar), refresh=False)
         self.bar.refresh()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,15 +81,16 @@ class Embedder:
             encoded = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
         return [(int(s), int(e)) for s, e in encoded["offset_mapping"]]
 
-    def embed_passages(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
-        return self._encode([self.passage_prefix + t for t in texts], show_progress)
+    def embed_passages(self, texts: Sequence[str], *, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """``on_batch(n)`` after each mini-batch of ``n`` passages is encoded (progress per chunk)."""
+        return self._encode([self.passage_prefix + t for t in texts], on_batch)
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode([self.query_prefix + t for t in texts], False)
+        return self._encode([self.query_prefix + t for t in texts])
 
     def embed_sentences(self, texts: Sequence[str]) -> np.ndarray:
         """Raw sentences (no prefix), for the chunker's similarity breakpoints."""
-        return self._encode(list(texts), False)
+        return self._encode(list(texts))
 
     def static_sentence_vectors(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors, (n, dimension): the mean of the encoder's input token embeddings of each text,
@@ -110,21 +111,18 @@ class Embedder:
             self._static = (table, table.mean(axis=0))
         return self._static
 
-    def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
+    def _encode(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         # longest first, as sentence-transformers orders them, then one locked call per mini-batch
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        batches = range(0, len(order), self.batch_size)
-        if show_progress:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc="encode", unit="batch")
-        for start in batches:
+        for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             with self._lock:
                 part = self.model.encode([texts[i] for i in rows], batch_size=self.batch_size,
                                          normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
             vectors[rows] = part
+            if on_batch is not None:
+                on_batch(len(rows))
         return vectors

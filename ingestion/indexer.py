@@ -38,7 +38,30 @@ log = logging.getLogger(__name__)
 Checkpoint = Callable[[sqlite3.Connection, "IngestCounts", int], None]  # (open transaction, step counts, items done)
 
 Progress = Callable[[int, int], None]  # (items done, items total); items are documents, then deletes
+ChunksEmbedded = Callable[[int], None]  # (chunks just embedded): progress within a step
 DELETE_STEP = 500  # deletes per ledger transaction
+
+
+def write_chunks(ledger: Ledger, generation: int, dense: DenseIndex, embedder: object,
+                 planned: Sequence[tuple[list[Chunk], list[str]]], *,
+                 record: Callable[[sqlite3.Connection, int, int], None],
+                 on_embedded: ChunksEmbedded | None = None) -> None:
+    """One write step (steps 1 to 3 of the module doc) for documents whose new chunks are planned:
+    ``planned`` holds (new chunks, old chunk ids) per document. ``record(db, written, removed)`` writes
+    what the caller keeps (document rows, build bookkeeping, a job checkpoint with the step's chunk
+    counts) in the same ledger transaction. Shared by ingest jobs (Indexer) and refresh (GenerationBuilder)."""
+    existing = {cid for _, old in planned for cid in old}
+    fresh = [c for chunks, _ in planned for c in chunks if c.chunk_id not in existing]
+    gone = [[cid for cid in old if cid not in {c.chunk_id for c in chunks}] for chunks, old in planned]
+    if fresh:
+        vectors = embedder.embed_passages([c.text for c in fresh], on_batch=on_embedded)
+        dense.upsert([c.chunk_id for c in fresh], vectors, [c.metadata() for c in fresh])
+    with ledger.transaction() as db:
+        record(db, len(fresh), sum(map(len, gone)))
+        for (chunks, _), removed in zip(planned, gone):
+            ledger.insert_chunks(db, generation, chunks)
+            ledger.delete_chunks(db, generation, removed)
+    dense.delete([cid for removed in gone for cid in removed])
 
 
 @dataclass
@@ -75,6 +98,7 @@ class Indexer:
     on_bm25_rebuilt: Callable[[BM25Index], None] | None = field(default=None, repr=False)
     chroma_path: Path | None = None  # embedded Chroma's folder (None: a Chroma server), for disk-full reports
     min_free_bytes: int = 0  # refuse a step when a store's disk has less free (0: no check)
+    on_embedded: ChunksEmbedded | None = field(default=None, repr=False)  # progress per chunk embedded
 
     def apply(self, documents: Sequence[Document], deletes: Sequence[str] = (), *,
               progress: Progress | None = None, rebuild_bm25: bool = True, start: int = 0,
@@ -129,7 +153,7 @@ class Indexer:
                      checkpoint: Checkpoint | None = None) -> IngestCounts:
         counts = IngestCounts()
         gen = self.generation.generation
-        planned: list[tuple[Document, list[Chunk], list[str]]] = []  # (doc, its chunks, old chunk ids)
+        planned: list[tuple[Document, list[str]]] = []  # (document, its old chunk ids)
         for document in documents:
             row = self.ledger.get_document(document.document_id)
             old_ids = self.ledger.document_chunk_ids(gen, document.document_id)
@@ -146,31 +170,22 @@ class Indexer:
                 with self.ledger.transaction() as db:
                     checkpoint(db, counts, done)
             return counts
-        chunked = self._chunk([document for document, _ in planned])
-        planned = [(document, chunks, old_ids) for (document, old_ids), chunks in zip(planned, chunked)]
+        chunked = self.chunk([document for document, _ in planned])
 
-        existing = {cid for _, _, old in planned for cid in old}
-        fresh = [c for _, chunks, _ in planned for c in chunks if c.chunk_id not in existing]
-        if fresh:
-            vectors = self.embedder.embed_passages([c.text for c in fresh])
-            self.dense.upsert([c.chunk_id for c in fresh], vectors, [c.metadata() for c in fresh])
-
-        removed = [cid for _, chunks, old_ids in planned for cid in old_ids
-                   if cid not in {c.chunk_id for c in chunks}]
-        counts.chunks_written += len(fresh)
-        counts.chunks_removed += len(removed)
-        with self.ledger.transaction() as db:
-            for document, chunks, old_ids in planned:
+        def record(db: sqlite3.Connection, written: int, removed: int) -> None:
+            counts.chunks_written += written
+            counts.chunks_removed += removed
+            for document, _ in planned:  # before its chunks: they reference it
                 self.ledger.upsert_document(db, document)
-                self.ledger.insert_chunks(db, gen, chunks)
-                keep = {c.chunk_id for c in chunks}
-                self.ledger.delete_chunks(db, gen, [cid for cid in old_ids if cid not in keep])
             if checkpoint:
                 checkpoint(db, counts, done)
-        self.dense.delete(removed)
+
+        write_chunks(self.ledger, gen, self.dense, self.embedder,
+                     [(chunks, old) for (_, old), chunks in zip(planned, chunked)],
+                     record=record, on_embedded=self.on_embedded)
         return counts
 
-    def _chunk(self, documents: list[Document]) -> list[list[Chunk]]:
+    def chunk(self, documents: list[Document]) -> list[list[Chunk]]:
         chunk_many = getattr(self.chunker, "chunk_many", None)  # one batched call when the chunker has it
         return chunk_many(documents) if chunk_many else [self.chunker.chunk(d) for d in documents]
 
@@ -183,8 +198,7 @@ class Indexer:
             for document_id in dict.fromkeys(document_ids):
                 if self.ledger.mark_deleted(db, document_id):
                     counts.deleted += 1
-                old_ids = [r[0] for r in db.execute(
-                    "SELECT chunk_id FROM chunks WHERE generation = ? AND document_id = ?", (gen, document_id))]
+                old_ids = self.ledger.document_chunk_ids(gen, document_id)
                 self.ledger.delete_chunks(db, gen, old_ids)
                 removed.extend(old_ids)
             counts.chunks_removed += len(removed)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestion.chunker import split_sentences
-from ingestion.indexer import DELETE_STEP, Indexer
+from ingestion.indexer import DELETE_STEP, Indexer, write_chunks
 from ingestion.jobs import JobInterrupted, Report
 from ingestion.ledger import DocumentRow, GenerationRow, JobRow, Ledger
 from ingestion.storage_errors import is_disk_full
@@ -118,25 +118,17 @@ class GenerationBuilder:
 
     def _build(self, rows: Sequence[DocumentRow], on_step) -> int:
         gen = self.generation.generation
-        chunked = self.indexer._chunk([row.document for row in rows])
-        old = {row.document.document_id: self.ledger.document_chunk_ids(gen, row.document.document_id) for row in rows}
-        existing = {cid for ids in old.values() for cid in ids}
-        fresh = [c for chunks in chunked for c in chunks if c.chunk_id not in existing]
-        if fresh:
-            vectors = self.indexer.embedder.embed_passages([c.text for c in fresh])
-            self.dense.upsert([c.chunk_id for c in fresh], vectors, [c.metadata() for c in fresh])
-        removed: list[str] = []
-        with self.ledger.transaction() as db:
-            for row, chunks in zip(rows, chunked):
-                keep = {c.chunk_id for c in chunks}
-                gone = [cid for cid in old[row.document.document_id] if cid not in keep]
-                self.ledger.insert_chunks(db, gen, chunks)
-                self.ledger.delete_chunks(db, gen, gone)
-                removed.extend(gone)
+        chunked = self.indexer.chunk([row.document for row in rows])
+        planned = [(chunks, self.ledger.document_chunk_ids(gen, row.document.document_id))
+                   for row, chunks in zip(rows, chunked)]
+
+        def record(db: sqlite3.Connection, written: int, removed: int) -> None:
             self.ledger.record_built(db, gen, [(row.document.document_id, row.version) for row in rows])
             if on_step:
-                on_step(db, len(rows), len(fresh))
-        self.dense.delete(removed)
+                on_step(db, len(rows), written)
+
+        write_chunks(self.ledger, gen, self.dense, self.indexer.embedder, planned, record=record,
+                     on_embedded=self.indexer.on_embedded)
         return len(rows)
 
     def _unbuild(self, document_ids: Sequence[str], on_step) -> int:
@@ -144,8 +136,7 @@ class GenerationBuilder:
         removed: list[str] = []
         with self.ledger.transaction() as db:
             for document_id in document_ids:
-                ids = [r[0] for r in db.execute(
-                    "SELECT chunk_id FROM chunks WHERE generation = ? AND document_id = ?", (gen, document_id))]
+                ids = self.ledger.document_chunk_ids(gen, document_id)
                 self.ledger.delete_chunks(db, gen, ids)
                 removed.extend(ids)
             self.ledger.forget_built(db, gen, document_ids)
@@ -368,6 +359,12 @@ def _build(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progres
         if ctx.should_stop():
             raise JobInterrupted(job.job_id)
 
+    def on_embedded(chunks: int) -> None:  # within a step: progress per chunk (saved with the next step)
+        progress["chunks_embedded"] = progress.get("chunks_embedded", 0) + chunks
+        if ctx.report:
+            ctx.report(dict(progress))
+
+    builder.indexer.on_embedded = on_embedded
     builder.sync(on_step=on_step, after_step=after_step)
     return builder.indexer.rebuild_bm25()
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from app.container import Services, build_services, chunker_config
 from app.settings import REPO_ROOT, Settings
 from ingestion.documents import Document
+from ingestion.progress import chunk_postfix
 from retrieval.hybrid import Hit, HybridRetriever
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,9 @@ def open_index(settings: Settings, data_dir: Path, key: dict[str, Any], document
             services.chunker = chunker(services)  # type: ignore[assignment]
         docs = documents()
         with tqdm(total=len(docs), desc="index", unit="doc") as bar:
-            services.indexer().apply(docs, progress=lambda done, total: bar.update(min(done, len(docs)) - bar.n))
+            indexer = services.indexer()
+            indexer.on_embedded = chunk_postfix(bar)
+            indexer.apply(docs, progress=lambda done, total: bar.update(min(done, len(docs)) - bar.n))
     info = {"key": key, "code_sha256": code_digest(), "documents": len(docs), "chunks": len(services.bm25),
             "build_s": round(time.perf_counter() - started, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     marker.write_text(json.dumps(info, indent=2))  # written last: a folder without it is incomplete
