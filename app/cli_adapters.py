@@ -163,7 +163,8 @@ def _calibration_run(settings, metadata: dict, corpus: list, held_titles: set, i
     from app.settings import REPO_ROOT
     from generation.finetune import calibrate as cal
     from generation.finetune import evaluate as ev
-    from generation.finetune.data import corpus_index, file_digest, retriever_of
+    from app.evaluation.indexes import squad_corpus_index
+    from generation.finetune.data import file_digest
 
     try:
         generator = build_generator(settings, strict=True)
@@ -179,9 +180,9 @@ def _calibration_run(settings, metadata: dict, corpus: list, held_titles: set, i
             (outside, [a for a in corpus if a.title not in held_titles], False, "calibrate: out of corpus")):
         if not questions:
             continue
-        index = corpus_index(articles, settings, file_digest(files), REPO_ROOT / ".cache" / "finetune")
+        index = squad_corpus_index(articles, settings, file_digest(files), REPO_ROOT / ".cache" / "finetune")
         try:
-            contexts = ev.retrieval_contexts(retriever_of(index), settings.top_k)
+            contexts = ev.retrieval_contexts(index.corpus().retrieve, settings.top_k)
             _, part = ev.evaluate_items(generator, questions, contexts, desc=desc,
                                         in_corpus=lambda item, flag=in_corpus: flag,
                                         term_weights=index.services.bm25.idf, **run)

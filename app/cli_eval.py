@@ -48,8 +48,8 @@ def retrieval(
     depth: Annotated[int, typer.Option(min=10, max=2000, help="Chunk candidates per retriever.")] = 200,
 ) -> None:
     """BM25, dense and hybrid (both fusions) on a BEIR data set: NDCG@10, Recall@100, MRR@10, latency."""
-    from retrieval.evaluation import evaluate, format_table
-    from retrieval.tuning import format_curve
+    from app.evaluation.retrieval import evaluate, format_table
+    from app.evaluation.tuning import format_curve
 
     settings = load_settings()
     if tune and tuning_out is None and settings.retrieval_tuning is None:
@@ -79,7 +79,7 @@ def chunking(
     cache: Annotated[bool, typer.Option(help="Reuse indexes cached under .cache/eval (else throwaway ones).")] = True,
 ) -> None:
     """Semantic chunker vs fixed-size windows (same size and overlap): answer recall@1/3/5/10 on SQuAD articles."""
-    from retrieval.chunking_eval import evaluate_chunking, format_chunking
+    from app.evaluation.chunking import evaluate_chunking, format_chunking
 
     settings = load_settings()
     with tempfile.TemporaryDirectory(prefix="rag-eval-") as scratch:

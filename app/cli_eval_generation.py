@@ -40,7 +40,8 @@ def generation(
     """
     from app.container import build_generator, build_reranker
     from generation.finetune import evaluate as ev
-    from generation.finetune.data import corpus_index, file_digest, load_articles, retriever_of
+    from app.evaluation.indexes import squad_corpus_index
+    from generation.finetune.data import file_digest, load_articles
 
     if mode not in ("gold", "retrieval"):
         fail(f"--mode: expected gold or retrieval, got {mode!r}")
@@ -62,10 +63,10 @@ def generation(
     # Gold mode indexes --data's articles too: relevance weighs the question's terms by the index's idf
     corpus_articles = articles if not corpus else list({a.title: a for a in load_articles(corpus)}.values())
     indexed = {a.title for a in corpus_articles}
-    index = corpus_index(corpus_articles, settings, file_digest(corpus or [data]), FINETUNE_CACHE)
+    index = squad_corpus_index(corpus_articles, settings, file_digest(corpus or [data]), FINETUNE_CACHE)
     contexts = ev.scored_gold_contexts(index.services.embedder)
     if mode == "retrieval":
-        contexts = ev.retrieval_contexts(retriever_of(index), settings.top_k)
+        contexts = ev.retrieval_contexts(index.corpus().retrieve, settings.top_k)
     else:
         indexed = {a.title for a in articles}
     try:

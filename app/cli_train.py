@@ -58,15 +58,18 @@ def train(
         return
     if config is None:
         fail("rag train: --config is required (or: rag train reranker --config ...)")
+    from app.evaluation.indexes import corpus_opener, retrieval_key
     from generation.finetune.config import TrainConfig
     from generation.finetune.pipeline import train_from_config
 
     settings = load_settings()
     train_config, text = _load_config(TrainConfig, config, set_)
     try:
-        ref = train_from_config(train_config, settings, root=REPO_ROOT, registry_root=registry or settings.adapters_path,
-                                cache_root=FINETUNE_CACHE, config_text=text, activate=activate,
-                                device=settings.device)
+        ref = train_from_config(train_config, models_path=settings.models_path,
+                                open_index=corpus_opener(settings, FINETUNE_CACHE),
+                                retrieval_key=retrieval_key(settings), root=REPO_ROOT,
+                                registry_root=registry or settings.adapters_path, cache_root=FINETUNE_CACHE,
+                                config_text=text, activate=activate, device=settings.device)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"adapter {ref.label} -> {ref.path}")
@@ -80,14 +83,16 @@ def train_reranker(
     registry: Annotated[Optional[Path], typer.Option(help="Reranker registry (default RAG_RERANKERS_DIR).")] = None,
 ) -> None:
     """Train the answerability cross-encoder on pairs the service's own retriever finds; publish it."""
+    from app.evaluation.indexes import corpus_opener
     from generation.finetune.answerability import RerankerConfig
     from generation.finetune.answerability import train_reranker as run
 
     settings = load_settings()
     reranker_config, text = _load_config(RerankerConfig, config, set_)
     try:
-        ref = run(reranker_config, settings, root=REPO_ROOT, registry_root=registry or settings.rerankers_path,
-                  cache_root=FINETUNE_CACHE, config_text=text, activate=activate)
+        ref = run(reranker_config, open_index=corpus_opener(settings, FINETUNE_CACHE), root=REPO_ROOT,
+                  registry_root=registry or settings.rerankers_path, cache_root=FINETUNE_CACHE, config_text=text,
+                  activate=activate)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"reranker {ref.label} -> {ref.path}")

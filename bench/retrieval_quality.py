@@ -16,8 +16,8 @@ from pathlib import Path
 from common import REPO, SCIFACT, update_section
 
 from app.settings import Settings
-from retrieval.chunking_eval import evaluate_chunking, format_chunking
-from retrieval.evaluation import evaluate, format_table
+from app.evaluation.chunking import evaluate_chunking, format_chunking
+from app.evaluation.retrieval import evaluate, format_table
 
 SQUAD = REPO.parent / "shared" / "data" / "squad" / "dev-v1.1.json"
 

@@ -31,8 +31,8 @@ from typing import Any
 from tqdm import tqdm
 
 from generation.finetune.config import read_yaml_config
-from generation.finetune.data import (Article, article_documents, corpus_index, file_digest, gold_chunk, load_articles,
-                                     split_articles)
+from generation.finetune.data import (Article, CorpusIndex, OpenCorpusIndex, article_documents, file_digest,
+                                     gold_chunk, load_articles, split_articles)
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +71,21 @@ class RerankerConfig:
 Pair = tuple[str, str, float]  # (question, chunk text, label)
 
 
-def build_pairs(config: RerankerConfig, articles: list[Article], index: Any, titles: dict[str, str], seed: int,
-                desc: str = "pairs") -> list[Pair]:
+def build_pairs(config: RerankerConfig, articles: list[Article], index: CorpusIndex, titles: dict[str, str],
+                seed: int, desc: str = "pairs") -> list[Pair]:
     """Labelled pairs for every (sampled) question of ``articles``, retrieved from ``index`` (see module doc).
 
     ``index`` holds ``article_documents(corpus)``; ``titles`` maps its document ids back to article titles.
     """
-
-    services = index.services
     questions = [(a, p, q) for a in articles for p in a.paragraphs for q in p.qas]
     rng = random.Random(seed)
     rng.shuffle(questions)
     questions = questions[: config.max_questions]
-    vectors = services.embedder.embed_queries([q.question for _, _, q in questions])  # (n, d), batched
+    vectors = index.embedder.embed_queries([q.question for _, _, q in questions])  # (n, d), batched
     pairs: list[Pair] = []
     for (article, paragraph, qa), vector in tqdm(list(zip(questions, vectors)), desc=desc, unit="q"):
-        hits = services.retriever.search(qa.question, config.retrieve_depth, query_vector=vector)
-        rows = services.ledger.get_chunks(services.generation.generation, [h.chunk_id for h in hits])
+        hits = index.retriever.search(qa.question, config.retrieve_depth, query_vector=vector)
+        rows = index.ledger.get_chunks(index.generation, [h.chunk_id for h in hits])
         chunks = [(titles.get(rows[h.chunk_id].document_id), rows[h.chunk_id].text) for h in hits
                   if h.chunk_id in rows]
         own = [text for title, text in chunks if title == article.title]
@@ -108,9 +106,11 @@ def build_pairs(config: RerankerConfig, articles: list[Article], index: Any, tit
     return pairs
 
 
-def train_reranker(config: RerankerConfig, settings: Any, *, root: Path, registry_root: Path, cache_root: Path,
-                   config_text: str | None = None, activate: bool = True) -> Any:
-    """Build pairs, train, save the adapter + head with metadata and a curve, publish to ``registry_root``."""
+def train_reranker(config: RerankerConfig, *, open_index: OpenCorpusIndex, root: Path, registry_root: Path,
+                   cache_root: Path, config_text: str | None = None, activate: bool = True) -> Any:
+    """Build pairs, train, save the adapter + head with metadata and a curve, publish to ``registry_root``.
+
+    ``open_index`` gives the service's index of the training articles (app/evaluation/indexes.py)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from sklearn.metrics import roc_auc_score
@@ -130,7 +130,7 @@ def train_reranker(config: RerankerConfig, settings: Any, *, root: Path, registr
     train_articles = [a for a in articles if a.title not in held]
     validation_articles = [a for a in articles if a.title in {v.title for v in validation}]
 
-    index = corpus_index(corpus, settings, file_digest(files), cache_root)
+    index = open_index(corpus, file_digest(files))
     titles = {doc.document_id: a.title for doc, a in zip(article_documents(corpus, source="squad"), corpus)}
     try:
         train_pairs = build_pairs(config, train_articles, index, titles, config.seed, "pairs: train")

@@ -314,37 +314,39 @@ def load_rows(path: Path) -> tuple[dict[str, list[Row]], dict[str, Any]] | None:
 # --- the training set ------------------------------------------------------------------------------
 
 
-def corpus_index(articles: Sequence[Article], settings: Any, source_digest: str, cache_root: Path) -> Any:
-    """The service's index (same chunker, embedder, BM25, fusion) over whole articles, cached by its inputs."""
-    from retrieval.evaluation import index_key, key_hash, open_index
+@dataclass
+class CorpusIndex:
+    """The service's index over a set of articles, as the composition root opens it (app/evaluation)."""
 
-    titles = hashlib.sha256("\x1f".join(a.title for a in articles).encode()).hexdigest()[:16]
-    key = {**index_key(source_digest, settings), "articles": titles}
-    documents = article_documents(articles, source="squad")
-    return open_index(settings, cache_root / "index" / key_hash(key), key, lambda: documents)
+    retriever: Any  # retrieval.hybrid.HybridRetriever
+    ledger: Any  # ingestion.ledger.Ledger
+    generation: int
+    embedder: Any  # ingestion.embedder.Embedder
+    close: Callable[[], None]
 
+    def retrieve(self, question: str, k: int) -> list[ContextChunk]:
+        """The top ``k`` chunks through the service's own retrieval path."""
+        from generation.rag import retrieve_context
 
-def retriever_of(index: Any) -> Callable[[str, int], list[ContextChunk]]:
-    """``retrieve(question, k)`` through the service's own retrieval path."""
-    from generation.rag import retrieve_context
-
-    services = index.services
-    return lambda question, k: retrieve_context(services.retriever, services.ledger,
-                                                services.generation.generation, question, k)
+        return retrieve_context(self.retriever, self.ledger, self.generation, question, k)
 
 
-def prepare_rows(config: Any, settings: Any, tokenizer: Any, files: Sequence[Path],
-                 cache_root: Path) -> tuple[dict[str, list[Row]], dict[str, Any]]:
-    """Training and validation rows for ``config``, from the cache when the same inputs built them before."""
+# (articles, digest of the files they come from) -> their index, opened by the composition root
+OpenCorpusIndex = Callable[[Sequence["Article"], str], CorpusIndex]
+
+
+def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root: Path, *,
+                 open_index: OpenCorpusIndex, retrieval_key: dict[str, Any]) -> tuple[dict[str, list[Row]], dict[str, Any]]:
+    """Training and validation rows for ``config``, from the cache when the same inputs built them before.
+
+    ``open_index`` gives the service's index of the articles; ``retrieval_key`` the retrieval settings
+    it was built with (they are part of the rows' cache key)."""
     digest = file_digest(files)
     data_settings = {name: getattr(config, name) for name in (
         "base_model", "context_window", "max_new_tokens", "max_seq_length", "seed", "validation_articles",
         "validation_rows", "train_rows", "context_chunks", "gold_only_fraction", "no_gold_fraction",
         "questions_per_row", "impossible_per_row")}
-    retrieval = {"fusion": settings.fusion, "alpha": settings.fusion_alpha, "rrf_k": settings.rrf_k,
-                 "candidates": settings.candidates, "embedding_model": settings.embedding_model,
-                 "chunk_max_tokens": settings.chunk_max_tokens, "chunk_overlap_tokens": settings.chunk_overlap_tokens}
-    key = cache_key(data_sha256=digest, data=data_settings, retrieval=retrieval, vocab=len(tokenizer))
+    key = cache_key(data_sha256=digest, data=data_settings, retrieval=retrieval_key, vocab=len(tokenizer))
     path = cache_root / "rows" / f"{key}.json"
     cached = load_rows(path)
     if cached is not None:
@@ -353,9 +355,9 @@ def prepare_rows(config: Any, settings: Any, tokenizer: Any, files: Sequence[Pat
 
     articles = load_articles(files)
     train, validation = split_articles(articles, config.validation_articles, config.seed)
-    index = corpus_index(articles, settings, digest, cache_root)
+    index = open_index(articles, digest)
     try:
-        builder = RowBuilder(tokenizer=tokenizer, retrieve=retriever_of(index),
+        builder = RowBuilder(tokenizer=tokenizer, retrieve=index.retrieve,
                              context_window=config.context_window, max_new_tokens=config.max_new_tokens,
                              max_seq_length=config.max_seq_length, context_chunks=tuple(config.context_chunks),
                              gold_only_fraction=config.gold_only_fraction, no_gold_fraction=config.no_gold_fraction,

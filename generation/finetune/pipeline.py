@@ -12,7 +12,7 @@ import torch
 
 from generation.adapters import METADATA, AdapterRef, AdapterRegistry
 from generation.finetune.config import TrainConfig
-from generation.finetune.data import Row, prepare_rows
+from generation.finetune.data import OpenCorpusIndex, Row, prepare_rows
 from generation.finetune.train import (QUANTIZATION, RowCollator, TrainResult, attention_mask_for, branch_mask,
                                        causal_lm)
 from generation.prompt import PROMPT_TEMPLATE_VERSION
@@ -33,17 +33,22 @@ def resolve_files(config: TrainConfig, root: Path) -> list[Path]:
     return files
 
 
-def train_from_config(config: TrainConfig, settings: Any, *, root: Path, registry_root: Path, cache_root: Path,
+def train_from_config(config: TrainConfig, *, models_path: Path, open_index: OpenCorpusIndex,
+                      retrieval_key: dict[str, Any], root: Path, registry_root: Path, cache_root: Path,
                       config_text: str | None = None, activate: bool = True, device: str = "cpu") -> AdapterRef:
+    """Rows from the service's retrieval (``open_index``, see prepare_rows), training, metadata, publication.
+
+    ``models_path`` is where bundled base models are converted (RAG_MODEL_CACHE_DIR)."""
     from transformers import AutoTokenizer
 
     from generation.bundled import resolve_generator_model
     from generation.finetune.train import run_training
 
     files = resolve_files(config, root)
-    model_path = resolve_generator_model(config.base_model, settings.models_path)
+    model_path = resolve_generator_model(config.base_model, models_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rows, data_info = prepare_rows(config, settings, tokenizer, files, cache_root)
+    rows, data_info = prepare_rows(config, tokenizer, files, cache_root, open_index=open_index,
+                                   retrieval_key=retrieval_key)
     log.info("training data: %s", json.dumps({k: data_info[k] for k in ("rows", "examples", "kinds")}))
     run_dir = cache_root / "runs" / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run_training(config, model_path, rows, run_dir, device)

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from app.settings import Settings
 from ingestion.chunker import effective_limit, fixed_size_chunks
 from ingestion.documents import Chunk, Document
-from retrieval.evaluation import (DEFAULT_CACHE, EvalIndex, embed_queries, eval_retriever, file_digest,
-                                  index_key, key_hash, latency_summary, open_index, run_method)
+from app.evaluation.indexes import DEFAULT_CACHE, EvalIndex, file_digest, index_key, key_hash, open_index
+from app.evaluation.retrieval import embed_queries, eval_retriever, run_method
+from app.evaluation.scoring import latency_summary
 
 KS = (1, 3, 5, 10)
 CHUNKERS = ("semantic", "fixed")

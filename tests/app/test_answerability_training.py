@@ -109,6 +109,7 @@ def squad_file(path: Path) -> Path:
 @pytest.mark.slow
 def test_training_publishes_a_reranker_the_service_loads(tmp_path, monkeypatch):
     from app.container import build_reranker
+    from app.evaluation.indexes import corpus_opener
     from generation.adapters import AdapterRegistry
     from generation.finetune.answerability import RerankerConfig, train_reranker
 
@@ -117,8 +118,8 @@ def test_training_publishes_a_reranker_the_service_loads(tmp_path, monkeypatch):
     config = RerankerConfig(name="tiny", train_files=[str(train)], exclude_articles=["Held_out"],
                             validation_articles=1, batch_size=2, epochs=1.0, eval_steps=1, max_length=64,
                             time_budget_minutes=2)
-    ref = train_reranker(config, settings, root=tmp_path, registry_root=tmp_path / "rerankers",
-                         cache_root=tmp_path / "cache")
+    ref = train_reranker(config, open_index=corpus_opener(settings, tmp_path / "cache"), root=tmp_path,
+                         registry_root=tmp_path / "rerankers", cache_root=tmp_path / "cache")
     metadata = json.loads((ref.path / "metadata.json").read_text())
     assert metadata["base_model"] == "bundled:all-MiniLM-L6-v2" and metadata["kind"] == "cross-encoder"
     assert "Held_out" not in metadata["training_data"]["articles"]["validation"]
@@ -133,12 +134,13 @@ def test_training_publishes_a_reranker_the_service_loads(tmp_path, monkeypatch):
 
 def test_pairs_are_labelled_from_the_services_own_retrieval(tmp_path, embedder):
     from generation.finetune.answerability import RerankerConfig, build_pairs
-    from generation.finetune.data import article_documents, corpus_index, file_digest, load_articles
+    from app.evaluation.indexes import squad_corpus_index
+    from generation.finetune.data import article_documents, file_digest, load_articles
 
     train = squad_file(tmp_path / "train.json")
     articles = load_articles([train])
     settings = make_settings(tmp_path / "data")
-    index = corpus_index(articles, settings, file_digest([train]), tmp_path / "cache")
+    index = squad_corpus_index(articles, settings, file_digest([train]), tmp_path / "cache").corpus()
     titles = {d.document_id: a.title for d, a in zip(article_documents(articles, "squad"), articles)}
     try:
         pairs = build_pairs(RerankerConfig(), [articles[0]], index, titles, seed=0)

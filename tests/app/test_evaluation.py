@@ -7,8 +7,9 @@ from typer.testing import CliRunner
 
 from app.settings import Settings
 from ingestion.documents import Chunk
-from retrieval.chunking_eval import Question, answer_recall, chunk_body, squad_articles
-from retrieval.evaluation import evaluate, load_qrels, load_queries, score_rankings
+from app.evaluation.chunking import Question, answer_recall, chunk_body, squad_articles
+from app.evaluation.retrieval import evaluate
+from app.evaluation.scoring import load_qrels, load_queries, score_rankings
 from retrieval.hybrid import Hit
 
 DOCS = {
@@ -126,7 +127,7 @@ def test_squad_articles_and_answer_recall(tmp_path):
 
 
 def test_chunking_comparison_builds_both_indexes_with_the_same_limit(tmp_path):
-    from retrieval.chunking_eval import evaluate_chunking
+    from app.evaluation.chunking import evaluate_chunking
 
     paragraphs = [" ".join(f"{title} fact number {i} is that {title.lower()} item {i} weighs {i * 7} grams."
                            for i in range(12)) for title in ("Granite", "Basalt", "Marble")]
@@ -146,7 +147,7 @@ def test_chunking_comparison_builds_both_indexes_with_the_same_limit(tmp_path):
 
 
 def test_tuning_prefers_fewer_candidates_on_ties_and_records_the_depth():
-    from retrieval.tuning import choose
+    from app.evaluation.tuning import choose
 
     row = lambda n, score, **p: {"candidates": n, **p, "ndcg@10": score, "recall@100": 0.9, "mrr@10": 0.8}  # noqa: E731
     curve = {"convex": [row(50, 0.71, alpha=0.4), row(200, 0.71, alpha=0.5), row(200, 0.70, alpha=0.3)],

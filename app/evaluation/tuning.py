@@ -14,15 +14,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from app.evaluation.scoring import MethodRuns, Qrels, score_rankings
+from app.settings import Settings
 from retrieval.fusion import fuse
-
-if TYPE_CHECKING:
-    from app.settings import Settings
-    from retrieval.evaluation import MethodRuns, Qrels
 
 ALPHAS = [round(a, 2) for a in np.arange(0.0, 1.0 + 1e-9, 0.05)]
 RRF_KS = (5, 10, 20, 40, 60, 100)
@@ -30,11 +28,9 @@ CANDIDATES = (50, 100, 200)  # per retriever; more costs dense search time at sc
 OBJECTIVE = "ndcg@10"
 
 
-def fused_metrics(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str], candidates: int,
+def fused_metrics(runs: MethodRuns, qrels: Qrels, chunk_document: Mapping[str, str], candidates: int,
                   fuse) -> dict[str, float]:
     """Metrics of `fuse(lexical, dense)` on every query's recorded lists, each cut to `candidates`."""
-    from retrieval.evaluation import score_rankings
-
     lexical, dense = runs.hits["bm25"], runs.hits["dense"]
     rankings = {}
     for qid in lexical:
@@ -44,12 +40,12 @@ def fused_metrics(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[st
     return score_rankings(qrels, rankings)[0]
 
 
-def candidate_depths(settings: "Settings", depth: int) -> list[int]:
+def candidate_depths(settings: Settings, depth: int) -> list[int]:
     """Candidate list lengths to sweep: the configured one and the usual steps, up to the recorded depth."""
     return sorted({c for c in (*CANDIDATES, settings.candidates) if c <= depth} | {min(settings.candidates, depth)})
 
 
-def sweep(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str],
+def sweep(runs: MethodRuns, qrels: Qrels, chunk_document: Mapping[str, str],
           depths: Sequence[int]) -> dict[str, list]:
     """{"convex": [{"candidates", "alpha", metrics...}], "rrf": [{"candidates", "k", metrics...}]}."""
     convex, rrf = [], []
@@ -133,7 +129,7 @@ def format_curve(curve: Mapping[str, list]) -> str:
     return "\n".join(lines)
 
 
-def tune_fusion(runs: "MethodRuns", qrels: "Qrels", chunk_document: Mapping[str, str], settings: "Settings", *,
+def tune_fusion(runs: MethodRuns, qrels: Qrels, chunk_document: Mapping[str, str], settings: Settings, *,
                 split: str, depth: int, tuning_out: Path | None, plot_out: Path | None) -> dict[str, Any]:
     """Sweep, choose, write the tuning file (and the plot); returns the curve and the choice."""
     curve = sweep(runs, qrels, chunk_document, candidate_depths(settings, depth))
