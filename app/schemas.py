@@ -134,6 +134,9 @@ class Health(BaseModel):
     refresh_job_id: str | None = None
     previous_generation: int | None = None
     generator_loaded: bool = True
+    generator_backend: str = "transformers"
+    # vLLM backend only: {"url", "model", "reachable", "adapter_loaded", "error"}, checked with a short timeout
+    generator_backend_state: dict[str, Any] | None = None
 
 
 class JobAccepted(BaseModel):
