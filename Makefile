@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    install, prepare the bundled models, ingest the demo corpus, serve on 127.0.0.1:8000
-#   make test   install and run the whole test suite (what .ci/run calls)
+#   make test   install (with the vLLM virtualenv) and run the whole test suite (what .ci/run calls)
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -39,11 +39,12 @@ run: install
 	$(VENV)/bin/rag setup
 	$(VENV)/bin/rag serve
 
-test: install
+# The whole suite, with the real-vLLM test (tests/app/test_vllm_backend.py): the vLLM virtualenv is built first.
+test: install vllm-venv
 	$(PY) -m pytest
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) data .pytest_cache

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -198,9 +199,19 @@ class CompletionStream:
             reason = self._check()
             if reason is not None:
                 self.interrupted = reason
-                if self._response is not None:
-                    self._response.close()  # the blocked read returns; vLLM aborts the request
+                self._hang_up()  # the blocked read returns; vLLM sees the disconnect and aborts the request
                 return
+
+    def _hang_up(self) -> None:
+        # Closing the response from this thread would not wake a read blocked in the other one; shutting
+        # the socket down does.
+        stream = self._response.extensions.get("network_stream") if self._response is not None else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self._done.set()
@@ -212,9 +223,7 @@ class CompletionStream:
             self.interrupted = reason
             return
         client = self.client
-        read = client.read_timeout_s
-        if self.deadline is not None:  # a silent server is noticed by the watcher, not by the read timeout
-            read = max(read, self.deadline - time.monotonic() + 1.0)
+        read = client.read_timeout_s  # silence for longer than this is a 504; the deadline is the watcher's
         self._response = client.send("POST", "/v1/completions", body=self.body, stream=True,
                                      timeout=httpx.Timeout(read, connect=client.connect_timeout_s))
         watcher = threading.Thread(target=self._watch, daemon=True, name="vllm-stream-watch")
