@@ -478,3 +478,26 @@ def connect_vllm(model_path: str, *, url: str, context_window: int, served_model
                          context_window=context_window, rope_scaling=rope_scaling_for(native, context_window),
                          served_model=served_model, stops=stop_token_ids(tokenizer, generation_config),
                          adapter_path=adapter_path, adapter_name=adapter_name, health_timeout_s=health_timeout_s)
+
+
+def vllm_length_arguments(model_path: str, context_window: int) -> list[str]:
+    """The vLLM server arguments that give it the positions the service packs for: ``--max-model-len`` and,
+    when the window is beyond the native context, the same linear RoPE interpolation as
+    :func:`generation.loading.apply_rope_scaling` (``--hf-overrides`` with the whole ``rope_parameters``,
+    ``rope_theta`` included, as vLLM's transformers-5 configs take it; ``max_position_embeddings`` stays
+    native and vLLM multiplies it by the factor). LLaMA-2-13B at 8192:
+    ``--max-model-len 8192 --hf-overrides '{"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+    "rope_theta": 10000.0}}'``.
+    """
+    from transformers import AutoConfig
+
+    from generation.loading import native_context, rope_scaling_for
+
+    config = AutoConfig.from_pretrained(model_path)
+    scaling = rope_scaling_for(native_context(config), context_window)
+    arguments = ["--max-model-len", str(context_window)]
+    if scaling is not None:
+        rope = {"rope_type": "linear", "factor": scaling["factor"], "rope_theta": config.rope_parameters["rope_theta"]}
+        arguments += ["--hf-overrides", json.dumps({"rope_parameters": rope})]
+    return arguments
+

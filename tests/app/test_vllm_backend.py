@@ -13,9 +13,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app.container import build_generator
 from app.main import create_app
 from generation.bundled import resolve_generator_model
-from tests.app.conftest import MODEL_CACHE
+from generation.prompt import pack_prompt
+from tests.app.conftest import MODEL_CACHE, retrieved
 from tests.app.vllm_server import MISSING, SERVED_NAME, VllmServer, services_on, vllm_installed
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_installed(), reason=MISSING)]
@@ -29,7 +31,7 @@ QUESTIONS = [VACATION, "How often must the Orbit Scale be recalibrated?", "How l
 def vllm_server(demo_services, tmp_path_factory):
     model_dir = resolve_generator_model(demo_services.settings.generator_model, MODEL_CACHE)
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    with VllmServer(model_dir, log_path, max_model_len=demo_services.settings.context_window) as server:
+    with VllmServer(model_dir, log_path, context_window=demo_services.settings.context_window) as server:
         yield server
 
 
@@ -110,3 +112,25 @@ def test_streamed_answer_through_vllm(vllm_client):
     assert "28" in streamed and "28" in answer["answer"]
     whole = vllm_client.post("/query", json={"question": VACATION}).json()
     assert answer["answer"] == whole["answer"]
+
+
+def test_rope_scaled_window_is_served_as_in_process(demo_services, tmp_path_factory):
+    """Beyond the native 8192 positions (factor 2, as LLaMA-2-13B at 8192): vLLM started with
+    vllm_length_arguments answers as transformers with apply_rope_scaling, token for token."""
+    window = 2 * 8192
+    settings = demo_services.settings.model_copy(update={"context_window": window, "adapter": None})
+    local = build_generator(settings)
+    assert local.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    packed = pack_prompt(local.tokenizer, VACATION, retrieved(demo_services, VACATION, 3), context_window=window,
+                         max_new_tokens=32)
+    in_process = local.generate(packed, max_new_tokens=32)
+    model_dir = resolve_generator_model(settings.generator_model, MODEL_CACHE)
+    with VllmServer(model_dir, tmp_path_factory.mktemp("vllm-rope") / "vllm.log", context_window=window) as server:
+        assert "--hf-overrides" in server.length_arguments
+        remote = build_generator(settings.model_copy(update={"generator_backend": "vllm", "vllm_url": server.url}))
+        through_vllm = remote.generate(packed, max_new_tokens=32)
+    assert through_vllm.text == in_process.text
+    assert through_vllm.token_logprobs == pytest.approx(in_process.token_logprobs, abs=2e-3)
+    native = build_generator(demo_services.settings.model_copy(update={"adapter": None})).generate(
+        packed, max_new_tokens=32)  # unscaled positions: other log-probabilities, so the check above means something
+    assert native.token_logprobs != pytest.approx(in_process.token_logprobs, abs=2e-3)

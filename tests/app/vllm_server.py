@@ -36,8 +36,11 @@ def free_port() -> int:
 class VllmServer:
     """``with VllmServer(model_dir, log_path) as server:`` ... ``server.url``; stopped (its process group) on exit."""
 
-    def __init__(self, model_dir: str, log_path: Path, *, max_model_len: int = 2048, startup_s: float = 600) -> None:
-        self.model_dir, self.log_path, self.max_model_len, self.startup_s = model_dir, log_path, max_model_len, startup_s
+    def __init__(self, model_dir: str, log_path: Path, *, context_window: int = 2048, startup_s: float = 600) -> None:
+        from generation.vllm_backend import vllm_length_arguments
+
+        self.model_dir, self.log_path, self.startup_s = model_dir, log_path, startup_s
+        self.length_arguments = vllm_length_arguments(model_dir, context_window)  # RoPE-scaled beyond native
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -45,7 +48,7 @@ class VllmServer:
     def command(self) -> list[str]:
         return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
                 "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
-                "--max-model-len", str(self.max_model_len), "--dtype", "float32",  # as the in-process model
+                *self.length_arguments, "--dtype", "float32",  # float32: as the in-process model
                 "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
 
     def __enter__(self) -> "VllmServer":
