@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="Concurrent requests in the serving figure.")
     parser.add_argument("--serving-prompts", type=int, default=16, help="Prompts in the serving figure (0: skip).")
     parser.add_argument("--run-only", action="store_true", help="Leave BENCHMARKS.md alone.")
+    parser.add_argument("--note", default="", help="Appended to the serving sentence (e.g. what else ran).")
     args = parser.parse_args()
 
     from app.container import build_embedder, build_generator
@@ -141,6 +142,9 @@ def main() -> None:
         "abstained": {b: share(lambda r, b=b: r[b]["abstained"]) for b in seconds},
         "seconds_per_answer": {b: seconds[b] / n for b in seconds},
         "max_preference_gap": max(gaps) if gaps else None, "serving": serving,
+        "abstain_margin": remote.abstain_margin,  # answers that started the abstention by no more than it:
+        "margin_moved": sum(1 for r in records if r["vllm"]["preference"] is not None  # vLLM's second request
+                            and 0 < r["vllm"]["preference"] <= remote.abstain_margin),
     }
     out = CACHE / "backend_agreement.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,13 +167,16 @@ def main() -> None:
             f"weights with the adapter as a LoRA module. Prompts identical token for token: "
             f"{summary['same_prompt']:.0f}%. F1 difference (vLLM - transformers): "
             f"{f1['vllm'] - f1['transformers']:+.2f}; largest first-token abstention-preference gap: "
-            f"{summary['max_preference_gap']:.2g} logits.\n\n" + "\n".join(lines))
+            f"{summary['max_preference_gap']:.2g} logits. {summary['margin_moved']} answers started \"I don't "
+            f"know.\" by less than the abstention margin ({summary['abstain_margin']}), so vLLM continued from "
+            "the best other token (a second request), as the in-process margin decides.\n\n" + "\n".join(lines))
     if serving:
         rate_1 = serving["prompts"] / serving["sequential_s"]
         rate_n = serving["prompts"] / serving["concurrent_s"]
         body += (f"\n\nServing through vLLM ({serving['prompts']} of these prompts, {serving['tokens']} answer "
                  f"tokens): one at a time {rate_1:.2f} requests/s, {serving['concurrency']} at once "
-                 f"{rate_n:.2f} requests/s ({rate_n / rate_1:.1f}x), on this 2-core CPU.")
+                 f"{rate_n:.2f} requests/s ({rate_n / rate_1:.1f}x), on this 2-core CPU"
+                 f"{args.note}.")
     update_section("backend-agreement", body)
 
 
