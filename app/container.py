@@ -148,11 +148,12 @@ class Services:
 
     def _load_adapter(self, ref: str) -> Any:
         from generation.adapters import AdapterBroken, AdapterMismatch, AdapterNotFound
+        from generation.vllm_backend import VllmError
 
         settings = self.settings.model_copy(update={"adapter": None if ref == "none" else ref})
         try:
             return build_generator(settings, strict=True, registry_only=True)
-        except (AdapterNotFound, AdapterMismatch):
+        except (AdapterNotFound, AdapterMismatch, VllmError):
             raise
         except Exception as exc:  # a broken adapter folder: the client learns its name, the log the details
             log.exception("adapter %r failed to load", ref)
@@ -367,9 +368,20 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
             if strict:
                 raise
             log.error("default adapter not served, using the base model: %s", exc)
-    loaded = load_generator(model, context_window=settings.context_window, quantization=settings.quantization,
-                            torch_dtype=settings.torch_dtype, device=settings.device, adapter_path=adapter_path,
-                            merge_adapter=settings.merge_adapter)
+    if settings.generator_backend == "vllm":  # the same base model's tokenizer here, its weights in vLLM
+        from generation.vllm_backend import connect_vllm
+
+        loaded = connect_vllm(model, url=settings.vllm_url, context_window=settings.context_window,
+                              served_model=settings.vllm_model, api_key=settings.vllm_api_key,
+                              connect_timeout_s=settings.vllm_connect_timeout_s,
+                              read_timeout_s=settings.vllm_read_timeout_s, retries=settings.vllm_retries,
+                              health_timeout_s=settings.vllm_health_timeout_s,
+                              adapter_path=None if adapter_path is None else str(Path(adapter_path).resolve()),
+                              adapter_name=label)
+    else:
+        loaded = load_generator(model, context_window=settings.context_window, quantization=settings.quantization,
+                                torch_dtype=settings.torch_dtype, device=settings.device,
+                                adapter_path=adapter_path, merge_adapter=settings.merge_adapter)
     loaded.adapter_name = label
     # the explicit setting, else the adapter's calibrated margin (`rag adapters calibrate`), else 0
     loaded.abstain_margin = (settings.abstain_margin if settings.abstain_margin is not None

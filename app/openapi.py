@@ -29,8 +29,10 @@ _MEANING = {
     413: "The body (or a document in it) is over its size limit.",
     422: "Valid JSON that is not a valid request; `errors` names each field.",
     429: "Over a rate limit; retry after `Retry-After` seconds.",
+    502: "The generator backend (vLLM, RAG_VLLM_URL) answered with an error or something unreadable.",
     503: "Busy (every generation slot and queue place taken; retry after `Retry-After` seconds) or a part "
-         "of the service is not available.",
+         "of the service is not available (for example the vLLM server at RAG_VLLM_URL).",
+    504: "The generator backend (vLLM, RAG_VLLM_URL) did not answer in time.",
 }
 
 

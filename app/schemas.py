@@ -138,6 +138,8 @@ class Health(BaseModel):
     generations_running: int = Field(0, description="Queries generating now (at most RAG_MAX_CONCURRENT_GENERATIONS).")
     generations_waiting: int = Field(0, description="Queries queued for a slot (at most RAG_GENERATION_QUEUE_SIZE).")
     queries_rejected: int = Field(0, description="Queries answered 503 busy since the service started.")
+    # vLLM backend only: {"url", "model", "reachable", "adapter_loaded", "error"}, checked with a short timeout
+    generator_backend_state: dict[str, Any] | None = None
 
 
 class JobAccepted(BaseModel):

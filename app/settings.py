@@ -85,6 +85,18 @@ class Settings(BaseSettings):
 
     # --- generation ----------------------------------------------------------------------------
     generator_model: str = BUNDLED_GENERATOR_MODEL
+    generator_backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Where answers are generated: 'transformers' (in process) or 'vllm' (a vLLM "
+                                    "server at RAG_VLLM_URL serving RAG_GENERATOR_MODEL; prompts are still "
+                                    "rendered and packed here, with the model's tokenizer).")
+    vllm_url: str = Field("http://127.0.0.1:8001", description="vLLM's OpenAI-compatible server (without /v1).")
+    vllm_model: str | None = Field(None, description="vLLM's served model name; unset: the first model it lists.")
+    vllm_api_key: str | None = Field(None, description="vLLM's --api-key, if it was started with one.")
+    vllm_connect_timeout_s: float = Field(2.0, gt=0, description="Connecting to vLLM; refused connections are "
+                                                                 "retried RAG_VLLM_RETRIES times, then 503.")
+    vllm_read_timeout_s: float = Field(60.0, gt=0, description="Longest silence from vLLM before 504.")
+    vllm_retries: int = Field(2, ge=0, le=10)
+    vllm_health_timeout_s: float = Field(1.0, gt=0, description="/health's check of vLLM (no retries).")
     load_generator: bool = Field(True, description="False: serve retrieval and ingestion only (/query answers 503).")
     context_window: int = Field(2048, ge=256, description="Tokens the generator may see (RoPE-scaled if beyond native).")
     max_new_tokens: int = Field(64, ge=1, le=4096)

@@ -81,7 +81,11 @@ class TextDeltas(BaseStreamer):
         if not self._prompt_seen:  # generate() passes the prompt first
             self._prompt_seen = True
             return
-        self.ids.extend(t for t in value.reshape(-1).tolist() if t not in self.stops)
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, token_ids: list[int]) -> None:
+        """New answer tokens (any backend); passes on the text they add."""
+        self.ids.extend(t for t in token_ids if t not in self.stops)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete character: wait for its next byte
             return

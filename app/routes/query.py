@@ -35,6 +35,7 @@ from app.openapi import error_responses
 from app.schemas import QueryRequest, QueryResponse
 from generation.adapters import AdapterBroken, AdapterMismatch, AdapterNotFound
 from generation.rag import answer_question
+from generation.vllm_backend import VllmError
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["query"], route_class=StrictJSONRoute)
@@ -53,13 +54,15 @@ def _answer_error(exc: Exception) -> HTTPException | None:
         return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
     if isinstance(exc, (AdapterMismatch, AdapterBroken)):
         return HTTPException(status.HTTP_409_CONFLICT, str(exc))
+    if isinstance(exc, VllmError):  # the vLLM backend down (503), slow (504) or answering nonsense (502)
+        return HTTPException(exc.status, str(exc))
     if isinstance(exc, ValueError):  # e.g. the question alone overflows the context window
         return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
     return None
 
 
 @router.post("/query", response_model=QueryResponse, dependencies=[ApiKey],
-             responses={**error_responses(400, 401, 404, 409, 413, 422, 503),
+             responses={**error_responses(400, 401, 404, 409, 413, 422, 502, 503, 504),
                         200: {"content": {"text/event-stream": {"description": "With \"stream\": true: delta "
                                                                                "events, then one answer event."}}}})
 async def query(body: QueryRequest, request: Request, services: ServicesDep, settings: SettingsDep) -> Any:
@@ -94,7 +97,7 @@ async def query(body: QueryRequest, request: Request, services: ServicesDep, set
     async with admission:
         try:
             result = await run_in_threadpool(answer)
-        except ValueError as exc:
+        except (ValueError, VllmError) as exc:
             raise _answer_error(exc) from None
     return QueryResponse.from_answer(result)
 
