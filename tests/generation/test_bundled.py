@@ -13,10 +13,29 @@ from generation.bundled import resolve_generator_model
 SMOL = "bundled:SmolLM2-135M-Instruct"
 
 
-def test_other_names_pass_through(tmp_path) -> None:
-    assert resolve_generator_model("meta-llama/Llama-2-13b-hf", tmp_path) == "meta-llama/Llama-2-13b-hf"
-    assert resolve_generator_model("/models/llama", tmp_path) == "/models/llama"
-    assert not any(tmp_path.iterdir())
+def test_folders_and_cached_hub_models_resolve_offline_and_others_name_the_setting(tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    from ingestion.model_files import ModelUnavailable
+
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    assert resolve_generator_model(str(folder), tmp_path / "cache") == str(folder)
+    # a hub id in the local cache (its layout: refs/main names the snapshot) resolves to the snapshot, offline
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--meta-llama--Llama-2-13b-hf" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (hub / "models--meta-llama--Llama-2-13b-hf" / "refs").mkdir()
+    (hub / "models--meta-llama--Llama-2-13b-hf" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_generator_model("meta-llama/Llama-2-13b-hf", tmp_path / "cache") == str(snapshot)
+    with pytest.raises(ModelUnavailable, match="RAG_GENERATOR_MODEL='meta-llama/Llama-2-70b-hf'"):
+        resolve_generator_model("meta-llama/Llama-2-70b-hf", tmp_path / "cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed by the operator: the name goes to the library
+    assert resolve_generator_model("meta-llama/Llama-2-70b-hf", tmp_path / "cache") == "meta-llama/Llama-2-70b-hf"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unknown_bundled_name_lists_the_known_ones(tmp_path) -> None:
