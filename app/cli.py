@@ -246,7 +246,8 @@ def preflight(settings: Settings) -> None:
     if settings.load_generator:
         resolve_generator_model(settings.generator_model, settings.models_path)
     if settings.chroma_host:
-        chroma_client(host=settings.chroma_host, port=settings.chroma_port, ssl=settings.chroma_ssl)
+        chroma_client(host=settings.chroma_host, port=settings.chroma_port, ssl=settings.chroma_ssl,
+                      timeout_s=settings.chroma_timeout_s)
 
 
 def _register_command_groups() -> None:

@@ -325,7 +325,7 @@ def build_services(settings: Settings, *, load_generator: bool = True, reconcile
     reuses one already loaded for the same settings (tests, benchmarks)."""
     ledger = Ledger(settings.ledger_path)
     client = chroma_client(path=settings.chroma_path, host=settings.chroma_host, port=settings.chroma_port,
-                           ssl=settings.chroma_ssl)
+                           ssl=settings.chroma_ssl, timeout_s=settings.chroma_timeout_s)
     embedder = embedder or build_embedder(settings)
     services = Services(settings=settings, ledger=ledger, chroma=client, embedder=embedder,
                         chunker=build_chunker(settings, embedder))

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     chroma_host: str | None = Field(None, description="Chroma server host; unset means embedded Chroma.")
     chroma_port: int = Field(8000, ge=1, le=65535)
     chroma_ssl: bool = False
+    chroma_timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds one Chroma server request may take; "
+                                    "past it the query is a 503 and the job fails (no hang).")
     collection_prefix: str = Field("chunks", min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$")
 
     # --- embedding + chunking ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +33,48 @@ class ChromaUnavailable(ConnectionError):
     """The configured Chroma server does not answer."""
 
 
-def chroma_client(*, path: Path | None = None, host: str | None = None, port: int = 8000, ssl: bool = False) -> Any:
+def _unavailable(host: str, port: int, ssl: bool, exc: BaseException) -> ChromaUnavailable:
+    return ChromaUnavailable(
+        f"Chroma server at {'https' if ssl else 'http'}://{host}:{port} (RAG_CHROMA_HOST, RAG_CHROMA_PORT) "
+        f"does not answer ({type(exc).__name__}); start it (chroma run --path DIR --port {port}) or "
+        "unset RAG_CHROMA_HOST to use embedded Chroma under the data directory")
+
+
+@contextmanager
+def server_errors(client: Any) -> Iterator[None]:
+    """A Chroma server that stops answering mid-run raises ChromaUnavailable naming the settings, not the
+    HTTP client's connection error (embedded Chroma raises none of these)."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as exc:  # refused, reset, timed out
+        settings = client.get_settings()
+        raise _unavailable(str(settings.chroma_server_host), int(settings.chroma_server_http_port or 0),
+                           bool(settings.chroma_server_ssl_enabled), exc) from exc
+
+
+def chroma_client(*, path: Path | None = None, host: str | None = None, port: int = 8000, ssl: bool = False,
+                  timeout_s: float = 60.0) -> Any:
     """An embedded PersistentClient under `path`, or an HttpClient for a Chroma server at host:port
-    (ChromaUnavailable, naming the settings, when it does not answer)."""
+    (ChromaUnavailable, naming the settings, when it does not answer; each request bounded by `timeout_s`)."""
     import chromadb
+    import httpx
     from chromadb.config import Settings as ChromaSettings
 
     chroma_settings = ChromaSettings(anonymized_telemetry=False, allow_reset=False)
     if host:
         try:
             client = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=chroma_settings)
+            # chromadb 1.5.9 builds its httpx client with timeout=None: a server that stops answering (paused,
+            # partitioned) would hold a query or a job forever. Bounded, it is a TransportError (ChromaUnavailable).
+            session = getattr(getattr(client, "_server", None), "_session", None)
+            if isinstance(session, httpx.Client):
+                session.timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
             client.heartbeat()
             return client
         except Exception as exc:  # chromadb raises ValueError / httpx errors, depending on where it fails
-            raise ChromaUnavailable(
-                f"Chroma server at {'https' if ssl else 'http'}://{host}:{port} (RAG_CHROMA_HOST, RAG_CHROMA_PORT) "
-                f"does not answer ({type(exc).__name__}); start it (chroma run --path DIR --port {port}) or "
-                "unset RAG_CHROMA_HOST to use embedded Chroma under the data directory") from None
+            raise _unavailable(host, port, ssl, exc) from None
     assert path is not None
     path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(path), settings=chroma_settings)
@@ -59,7 +85,8 @@ def drop_collection(client: Any, name: str, path: Path | None = None) -> None:
     from chromadb.errors import NotFoundError
 
     try:
-        client.delete_collection(name)
+        with server_errors(client):
+            client.delete_collection(name)
     except NotFoundError:
         pass
     if path is not None:
@@ -101,15 +128,17 @@ class DenseIndex:
         self.name = name
         self.embedding_model = embedding_model
         self.dimension = dimension
-        if create:
-            self.collection = client.get_or_create_collection(
-                name=name,
-                embedding_function=None,
-                configuration={"hnsw": {"space": "cosine"}},
-                metadata={"embedding_model": embedding_model, "dimension": dimension},
-            )
-        else:
-            self.collection = client.get_collection(name=name, embedding_function=None)
+        self._client = client
+        with server_errors(client):
+            if create:
+                self.collection = client.get_or_create_collection(
+                    name=name,
+                    embedding_function=None,
+                    configuration={"hnsw": {"space": "cosine"}},
+                    metadata={"embedding_model": embedding_model, "dimension": dimension},
+                )
+            else:
+                self.collection = client.get_collection(name=name, embedding_function=None)
         stored = self.collection.metadata or {}
         if stored.get("embedding_model") != embedding_model or int(stored.get("dimension", -1)) != dimension:
             raise EmbeddingModelMismatch(
@@ -119,24 +148,28 @@ class DenseIndex:
             )
 
     def count(self) -> int:
-        return self.collection.count()
+        with server_errors(self._client):
+            return self.collection.count()
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[Mapping[str, Any]],
                batch_size: int = 2000) -> None:
         assert vectors.shape == (len(ids), self.dimension), (vectors.shape, len(ids), self.dimension)
-        for start in range(0, len(ids), batch_size):
-            stop = start + batch_size
-            self.collection.upsert(ids=list(ids[start:stop]), embeddings=vectors[start:stop],
-                                   metadatas=[dict(m) for m in metadatas[start:stop]])
+        with server_errors(self._client):
+            for start in range(0, len(ids), batch_size):
+                stop = start + batch_size
+                self.collection.upsert(ids=list(ids[start:stop]), embeddings=vectors[start:stop],
+                                       metadatas=[dict(m) for m in metadatas[start:stop]])
 
     def delete(self, ids: Sequence[str], batch_size: int = 2000) -> None:
-        for start in range(0, len(ids), batch_size):
-            self.collection.delete(ids=list(ids[start:start + batch_size]))
+        with server_errors(self._client):
+            for start in range(0, len(ids), batch_size):
+                self.collection.delete(ids=list(ids[start:start + batch_size]))
 
     def iter_ids(self, batch_size: int = 5000) -> Iterator[str]:
         offset = 0
         while True:
-            page = self.collection.get(include=[], limit=batch_size, offset=offset)
+            with server_errors(self._client):
+                page = self.collection.get(include=[], limit=batch_size, offset=offset)
             if not page["ids"]:
                 return
             yield from page["ids"]
@@ -145,7 +178,7 @@ class DenseIndex:
     def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[tuple[str, float]]:
         if k <= 0:
             return []
-        result = self.collection.query(
-            query_embeddings=vector.reshape(1, -1), n_results=k, where=chroma_where(filters), include=["distances"]
-        )
+        with server_errors(self._client):
+            result = self.collection.query(query_embeddings=vector.reshape(1, -1), n_results=k,
+                                           where=chroma_where(filters), include=["distances"])
         return [(cid, 1.0 - float(d)) for cid, d in zip(result["ids"][0], result["distances"][0])]

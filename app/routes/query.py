@@ -36,6 +36,7 @@ from app.schemas import QueryRequest, QueryResponse
 from generation.adapters import AdapterBroken, AdapterMismatch, AdapterNotFound
 from generation.rag import answer_question
 from generation.vllm_backend import VllmError
+from retrieval.dense import ChromaUnavailable
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["query"], route_class=StrictJSONRoute)
@@ -56,6 +57,9 @@ def _answer_error(exc: Exception) -> HTTPException | None:
         return HTTPException(status.HTTP_409_CONFLICT, str(exc))
     if isinstance(exc, VllmError):  # the vLLM backend down (503), slow (504) or answering nonsense (502)
         return HTTPException(exc.status, str(exc))
+    if isinstance(exc, ChromaUnavailable):  # the Chroma server went away: not the request's fault, but named
+        log.error("query failed: %s", exc)
+        return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(exc, ValueError):  # e.g. the question alone overflows the context window
         return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
     return None
@@ -97,7 +101,7 @@ async def query(body: QueryRequest, request: Request, services: ServicesDep, set
     async with admission:
         try:
             result = await run_in_threadpool(answer)
-        except (ValueError, VllmError) as exc:
+        except (ValueError, VllmError, ChromaUnavailable) as exc:
             raise _answer_error(exc) from None
     return QueryResponse.from_answer(result)
 

@@ -5,8 +5,15 @@ word (so a query for the marker must find exactly that document), signed webhook
 """
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -22,6 +29,76 @@ MODEL_CACHE = REPO / ".cache" / "models"  # converted bundled models, reused acr
 SECRET = "s" * 32
 WORDS = ("amber basalt cedar delta ember fjord glacier harbor iris juniper kestrel lagoon meadow nectar orchid "
          "prairie quartz raven sierra tundra umber valley willow yarrow zephyr").split()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ChromaServer:
+    """A real Chroma server (`chroma run`, shipped with the chromadb package) on a loopback port, its data
+    under `path`. `restart()` stops it and starts it again on the same path and port."""
+
+    def __init__(self, path: Path, port: int | None = None, log: Path | None = None) -> None:
+        self.path, self.port = path, port or free_port()
+        self.log = log or path.with_name(path.name + ".log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60) -> "ChromaServer":
+        chroma = Path(sys.executable).with_name("chroma")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(chroma), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "ANONYMIZED_TELEMETRY": "False"})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"chroma run exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                httpx.get(f"{self.url}/api/v2/heartbeat", timeout=1).raise_for_status()
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"chroma run did not answer in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGCONT)  # if paused
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> "ChromaServer":
+        self.stop()
+        return self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are still accepted (by the kernel), nothing is answered."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    """A Chroma server for one test module, on a free loopback port with a fresh data folder."""
+    server = ChromaServer(tmp_path_factory.mktemp("chroma-server") / "data").start()
+    yield server
+    server.stop()
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
