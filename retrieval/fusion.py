@@ -45,4 +45,6 @@ def fuse(lexical: Ranked, dense: Ranked, *, fusion: FusionMethod, alpha: float, 
     """The hybrid's fusion step: convex with weight `alpha` on dense, or RRF with `rrf_k`."""
     if fusion == "rrf":
         return rrf_fusion(lexical, dense, k=rrf_k)
-    return convex_fusion(lexical, dense, alpha)
+    if fusion == "convex":
+        return convex_fusion(lexical, dense, alpha)
+    raise ValueError(f"fusion must be 'convex' or 'rrf', got {fusion!r}")

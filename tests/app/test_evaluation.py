@@ -9,7 +9,7 @@ from app.settings import Settings
 from ingestion.documents import Chunk
 from app.evaluation.chunking import Question, answer_recall, chunk_body, squad_articles
 from app.evaluation.retrieval import evaluate
-from app.evaluation.scoring import load_qrels, load_queries, score_rankings
+from app.evaluation.scoring import latency_summary, load_qrels, load_queries, score_rankings
 from retrieval.hybrid import Hit
 
 DOCS = {
@@ -50,6 +50,24 @@ def test_oracle_ranking_scores_one_and_missing_queries_score_zero():
     assert score_rankings(qrels, {"a": ["x", "d1"]})[0]["mrr@10"] == pytest.approx(0.25)
 
 
+def test_graded_ranking_scores_match_hand_computation():
+    """NDCG@10 (linear gains, log2 discount), Recall@100 and MRR@10 of a tiny run, computed by hand."""
+    qrels = {"a": {"d1": 2, "d2": 1}, "b": {"d3": 1, "d4": 1, "d5": 1}}
+    means, per_query = score_rankings(qrels, {"a": ["x", "d2", "d1"], "b": ["d3", "y", "d4"]})
+    # a: DCG = 1/log2(3) + 2/log2(4) = 1.630930, ideal = 2 + 1/log2(3) = 2.630930; first relevant at rank 2
+    assert per_query["a"] == pytest.approx({"ndcg@10": 0.619906, "recall@100": 1.0, "mrr@10": 0.5}, abs=1e-6)
+    # b: DCG = 1 + 1/log2(4) = 1.5, ideal = 1 + 1/log2(3) + 1/log2(4) = 2.130930; d5 never retrieved
+    assert per_query["b"] == pytest.approx({"ndcg@10": 0.703918, "recall@100": 2 / 3, "mrr@10": 1.0}, abs=1e-6)
+    assert means == pytest.approx({"ndcg@10": 0.661912, "recall@100": 5 / 6, "mrr@10": 0.75}, abs=1e-6)
+
+
+def test_latency_summary_of_known_values():
+    """p50 and p95 by linear interpolation between order statistics, rounded to 0.01 ms."""
+    assert latency_summary([50, 10, 40, 20, 30]) == {"latency_p50_ms": 30.0, "latency_p95_ms": 48.0}
+    assert latency_summary([1.0, 2.0]) == {"latency_p50_ms": 1.5, "latency_p95_ms": 1.95}
+    assert latency_summary([]) == {"latency_p50_ms": 0.0, "latency_p95_ms": 0.0}
+
+
 def test_beir_files_parse(tmp_path):
     _, queries, qrels = write_beir(tmp_path)
     assert load_qrels(qrels) == QRELS
@@ -64,10 +82,6 @@ def test_end_to_end_with_tuning_and_settings_pick_it_up(tmp_path, monkeypatch):
                       tune=True, tuning_out=tuning, plot_out=plot)
 
     assert set(report["methods"]) >= {"bm25", "dense", "hybrid", "hybrid_rrf"}
-    for metrics in report["methods"].values():
-        for name in ("ndcg@10", "recall@100", "mrr@10"):
-            assert 0.0 <= metrics[name] <= 1.0
-        assert metrics["latency_p95_ms"] >= metrics["latency_p50_ms"] >= 0
     assert report["methods"]["dense"]["recall@100"] == 1.0  # 6 documents: every one is retrieved
     assert report["methods"]["hybrid"]["ndcg@10"] >= 0.9  # four easy questions
     assert report["queries"] == 4 and report["documents"] == 6 and not report["index"]["reused"]
@@ -143,7 +157,7 @@ def test_chunking_comparison_builds_both_indexes_with_the_same_limit(tmp_path):
     assert semantic["chunks"] > 1 and fixed["chunks"] > 1
     for entry in (semantic, fixed):
         for scores in entry["methods"].values():
-            assert scores["recall@10"] == 1.0 and 0.0 <= scores["recall@1"] <= scores["recall@5"] <= 1.0
+            assert scores["recall@10"] == 1.0
 
 
 def test_tuning_prefers_fewer_candidates_on_ties_and_records_the_depth():

@@ -176,9 +176,19 @@ def test_failed_validation_leaves_the_live_generation_serving(service, tmp_path)
         assert found_documents(services, marker("doc", 12, 0))[0] == "doc-012"
 
 
-def test_rollback_returns_to_the_previous_generation_with_later_changes(service):
-    with http(service) as client:
-        _rollback(client, service)
+def test_rollback_returns_to_the_previous_generation_with_later_changes(tmp_path, embedder):
+    """Standalone: its own data dir, documents and first refresh, so there is a previous generation to go back to."""
+    settings = make_settings(tmp_path / "data", webhook_secret=SECRET, admin_api_keys="a" * 24, load_generator=False,
+                             refresh_cron="", refresh_golden_sample=4)
+    services = build_services(settings, embedder=embedder)
+    try:
+        services.indexer().apply(synthetic_documents(12))
+        with http(services) as client:
+            refresh = client.post("/refresh", headers=ADMIN)
+            assert wait_for_job(client, refresh.json()["job_id"], headers=ADMIN)["status"] == "succeeded"
+            _rollback(client, services)
+    finally:
+        services.ledger.close()
 
 
 def _rollback(client, services):

@@ -166,6 +166,33 @@ def test_unknown_and_broken_adapters_name_the_adapter_never_a_path(demo_services
         assert str(tmp_path) not in response.text and str(Path.cwd()) not in response.text
 
 
+def test_an_adapter_trained_for_other_settings_is_a_409_naming_it(demo_services, tmp_path) -> None:
+    """An adapter whose metadata names another base model, or another context window, is refused per request."""
+    from generation.adapters import read_metadata, write_metadata
+
+    registry_root = tmp_path / "registry"
+    shutil.copytree(demo_services.settings.adapters_path, registry_root)
+    registry = AdapterRegistry(registry_root)
+    shipped = registry.resolve(demo_services.settings.adapter)
+    changes = {"foreign": {"base_model": "meta-llama/Llama-2-7b-hf"},
+               "wider": {"context_window": 4 * demo_services.settings.context_window}}
+    for name, change in changes.items():
+        folder = tmp_path / name
+        shutil.copytree(shipped.path, folder)
+        write_metadata(folder, {**read_metadata(folder), **change})
+        registry.publish(name, folder)
+    settings = demo_services.settings.model_copy(update={"adapters_dir": registry_root})
+    services = dataclasses.replace(demo_services, settings=settings)
+    with Server(create_app(settings, services=services)) as server:
+        responses = {name: httpx.post(f"{server.url}/query", json={"question": VACATION, "adapter": name}, timeout=60)
+                     for name in changes}
+    for name, response in responses.items():
+        assert response.status_code == 409, response.text
+        detail = response.json()["detail"]
+        assert f"adapter {name}@v1 does not match" in detail and next(iter(changes[name])) in detail
+        assert str(tmp_path) not in response.text
+
+
 def test_a_cut_off_answer_is_marked_and_not_returned_as_grounded(demo_services) -> None:
     """Old main: a generation cut short (timeout) came back as a confident answer ("2")."""
     services = dataclasses.replace(demo_services, settings=demo_services.settings.model_copy(

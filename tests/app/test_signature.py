@@ -64,3 +64,18 @@ def test_several_v1_values_any_may_match():
 def test_no_secret_configured_refuses_everything():
     with pytest.raises(SignatureError, match="no webhook secret"):
         check(sign(BODY, NEW, NOW), secrets=())
+
+
+# Computed outside this code: printf '%s' "1700000000.$BODY" | openssl dgst -sha256 -hmac "$NEW" -hex
+KNOWN_HEADER = "t=1700000000,v1=8a3b621aff79e1800b9b9ac423d1c2fc78e4f05bf3661a4f5f95d16655edd429"
+
+
+def test_known_answer_vector_is_accepted_and_a_one_bit_change_is_not():
+    """HMAC-SHA256 of "<t>.<body>" as README documents it, independent of this module's own sign()."""
+    assert sign(BODY, NEW, NOW) == KNOWN_HEADER
+    assert check(KNOWN_HEADER) == NOW
+    flipped = KNOWN_HEADER[:-1] + format(int(KNOWN_HEADER[-1], 16) ^ 1, "x")  # last hex digit, lowest bit
+    with pytest.raises(SignatureError, match="does not match"):
+        check(flipped)
+    with pytest.raises(SignatureError, match="does not match"):
+        check(KNOWN_HEADER, body=bytes([BODY[0] ^ 1]) + BODY[1:])  # one bit of the body

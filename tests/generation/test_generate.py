@@ -98,17 +98,49 @@ def test_abstain_token_is_the_first_answer_token_the_model_is_trained_on(smol_to
     assert next(t for t in labels if t != -100) == abstain_token_id(smol_tokenizer)
 
 
-def test_generation_records_the_preference_and_a_huge_margin_never_abstains(scaled) -> None:
-    from generation.finetune.calibrate import NEVER_ABSTAIN
-    from generation.generate import abstain_token_id
-    from generation.prompt import ContextChunk, pack_prompt
+class Scripted(torch.nn.Module):
+    """The LM head plus ``bias`` on ``script[n]`` at the n-th decoding step: a model that wants to write
+    ``script`` whatever the prompt (a new instance per generate call)."""
 
-    packed = pack_prompt(scaled.tokenizer, "Who?", [ContextChunk(text="Nobody.", chunk_id="c", document_id="d")],
-                         context_window=scaled.context_window, max_new_tokens=4)
-    result = generate_answer(scaled, packed, max_new_tokens=4, abstain_margin=NEVER_ABSTAIN)
-    assert isinstance(result.abstain_preference, float)
-    first = scaled.tokenizer(result.text, add_special_tokens=False).input_ids[:1]
-    assert first != [abstain_token_id(scaled.tokenizer)]
+    def __init__(self, head: torch.nn.Module, script: list[int], bias: float) -> None:
+        super().__init__()
+        self.head, self.script, self.bias, self.step = head, script, bias, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.step < len(self.script):
+            logits[..., -1, self.script[self.step]] += self.bias
+        self.step += 1
+        return logits
+
+
+def test_margin_decides_an_abstention_the_model_prefers_and_the_preference_is_recorded(tiny_model_dir) -> None:
+    """A model preferring "I don't know." by about `bias` logits abstains at margin 0, records that preference,
+    and writes something else once the margin exceeds it."""
+    from generation.generate import abstain_token_id
+    from generation.prompt import ABSTAIN_ANSWER, ContextChunk, pack_prompt
+
+    bias = 20.0
+    loaded = load_generator(str(tiny_model_dir), context_window=NATIVE)
+    tokenizer, head = loaded.tokenizer, loaded.model.lm_head
+    script = tokenizer(ABSTAIN_ANSWER, add_special_tokens=False).input_ids + [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert script[0] == abstain_token_id(tokenizer)
+    packed = pack_prompt(tokenizer, "Who?", [ContextChunk(text="Nobody.", chunk_id="c", document_id="d")],
+                         context_window=NATIVE, max_new_tokens=8)
+
+    def answer(margin: float):
+        loaded.model.lm_head = Scripted(head, script, bias)
+        return generate_answer(loaded, packed, max_new_tokens=8, abstain_margin=margin)
+
+    abstained = answer(0.0)
+    assert abstained.text == ABSTAIN_ANSWER and abstained.finish_reason == "stop"
+    preference = abstained.abstain_preference
+    assert preference == pytest.approx(bias, abs=2.0)  # the random model's own logits differ by < 2
+    assert answer(preference - 0.5).text == ABSTAIN_ANSWER  # still preferred by more than the margin
+    answered = answer(preference + 0.5)
+    assert answered.abstain_preference == pytest.approx(preference)  # recorded before the margin applies
+    assert not answered.text.startswith("I") and answered.text.endswith("don't know.")  # only the first token moved
 
 
 def test_generation_records_token_logprobs_of_the_answer(scaled) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from generation.finetune.data import QA, gold_chunk
-from generation.finetune.evaluate import (exact_match_score, f1_score, normalize_answer, sample_items,
+from generation.finetune.evaluate import (exact_match_score, f1_score, normalize_answer,
                                           score_prediction, summarize)
 
 
@@ -51,13 +53,68 @@ def test_predictions_are_scored_without_citations_and_abstentions_count() -> Non
     assert summary["em_all"] == pytest.approx(100 * 2 / 5)
 
 
-def test_limit_sample_is_fixed_and_model_independent() -> None:
-    from generation.finetune.evaluate import Item
+IDS = [f"q{i:02d}" for i in range(12)]
+# random.Random(seed).sample(sorted(IDS), 4), computed once in a separate shell
+SAMPLE = {0: ["q00", "q04", "q06", "q11"], 1: ["q01", "q02", "q04", "q09"]}
 
-    items = [Item(None, None, QA(str(i), "q", ("a",))) for i in range(50)]  # type: ignore[arg-type]
-    first = sample_items(items, 10, seed=0)
-    assert [i.qa.qid for i in first] == [i.qa.qid for i in sample_items(list(reversed(items))[::-1], 10, seed=0)]
-    assert len(first) == 10 and [i.qa.qid for i in first] != [i.qa.qid for i in sample_items(items, 10, seed=1)]
+
+def squad_file(path, ids):
+    """A SQuAD v1.1 file with one article, one question per paragraph, in the order of ``ids``."""
+    path.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [
+        {"context": f"Context {qid}.", "qas": [{"id": qid, "question": f"Question {qid}?",
+                                                "answers": [{"text": "Context", "answer_start": 0}]}]}
+        for qid in ids]}]}))
+    return path
+
+
+def test_limit_sample_is_fixed_per_seed_by_question_id(tmp_path) -> None:
+    """--limit picks known ids for a seed, on every call and whatever the file order; another seed differs."""
+    from generation.finetune.evaluate import load_eval_items
+
+    data = squad_file(tmp_path / "squad.json", IDS)
+    ids = lambda path, seed: [i.qa.qid for i in load_eval_items(path, 4, seed)[1]]  # noqa: E731
+    assert ids(data, 0) == ids(data, 0) == SAMPLE[0]
+    assert ids(data, 1) == SAMPLE[1]
+    shuffled = squad_file(tmp_path / "reversed.json", IDS[::-1])
+    assert ids(shuffled, 0) == SAMPLE[0][::-1]  # the same questions, in file order
+
+
+def test_limit_sample_is_the_same_for_the_base_model_and_an_adapter(tmp_path, monkeypatch) -> None:
+    """`rag eval generation --limit` evaluates the same questions whichever generator (adapter) it builds."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import app.container
+    import app.evaluation.indexes
+    from app.cli import _register_command_groups, cli
+    from generation.finetune import evaluate as ev
+
+    built, evaluated = [], []
+
+    def build_generator(settings, strict):
+        built.append(settings.adapter)
+        return SimpleNamespace(adapter_name=settings.adapter, abstain_margin=0.0,
+                               grounding=SimpleNamespace(as_dict=dict))
+
+    def evaluate_items(generator, items, contexts, **kwargs):
+        evaluated.append((generator.adapter_name, [i.qa.qid for i in items]))
+        return {}, []
+
+    index = SimpleNamespace(services=SimpleNamespace(embedder=None, bm25=SimpleNamespace(idf=None)), close=lambda: None)
+    monkeypatch.setattr(app.container, "build_generator", build_generator)
+    monkeypatch.setattr(app.container, "build_reranker", lambda settings: None)
+    monkeypatch.setattr(app.evaluation.indexes, "squad_corpus_index", lambda *args: index)
+    monkeypatch.setattr(ev, "evaluate_items", evaluate_items)
+    monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path / "data"))
+    _register_command_groups()
+    data = squad_file(tmp_path / "squad.json", IDS)
+    for adapter in ("none", "other-adapter"):
+        result = CliRunner().invoke(cli, ["eval", "generation", "--data", str(data), "--limit", "4",
+                                          "--adapter", adapter])
+        assert result.exit_code == 0, result.output
+    assert built == [None, "other-adapter"]
+    assert evaluated == [(None, SAMPLE[0]), ("other-adapter", SAMPLE[0])]
 
 
 def test_rescore_and_search_choose_thresholds_from_one_open_run():

@@ -11,7 +11,7 @@ from ingestion.chunker import (
     split_sections,
     split_sentences,
 )
-from ingestion.documents import Chunk, Document, chunk_id_for, content_hash
+from ingestion.documents import Chunk, Document
 from ingestion.embedder import Embedder
 
 BEES = [
@@ -59,10 +59,9 @@ def body_of(chunk: Chunk, title: str) -> str:
 
 def check_chunk_fields(chunks: list[Chunk], document: Document, embedder: Embedder, limit: int) -> None:
     assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
+    assert len({c.chunk_id for c in chunks}) == len(chunks)  # their values: see KNOWN_CHUNKS below
     for chunk in chunks:
         assert chunk.chunk_size_tokens == embedder.count_tokens(chunk.text) <= limit
-        assert chunk.chunk_id == chunk_id_for(document.document_id, chunk.chunk_index, chunk.text)
-        assert chunk.content_hash == content_hash(chunk.text)
         assert (chunk.document_id, chunk.source, chunk.created_at) == (
             document.document_id,
             document.source,
@@ -183,6 +182,24 @@ def test_sections_come_from_headings(default_chunks: list[Chunk]) -> None:
     assert chunks[1].text == "Guide\nWhat this guide covers."
     linux = [c for c in chunks if c.section == "Guide > Install > Linux"]
     assert linux[0].text.startswith("Guide > Install > Linux\n```\n# not a heading\nmake install\n```")
+
+
+# Computed outside the code, from README's formula (sha256 of "<document_id>\x1f<chunk_index>\x1f<text>" in
+# UTF-8, first 32 hex digits; content hash: sha256 of the text), e.g.
+#   printf 'guide.md\x1f0\x1fGuide\nPreamble before any heading.' | sha256sum
+KNOWN_CHUNKS = [  # (text, chunk_id, content_hash)
+    ("Guide\nPreamble before any heading.", "3132a9995db1b10bdcba649f605ca7ce",
+     "2bb984fc06857c9819aeae06172e6c3eed459ee5f6238b230acb15547fb94ac2"),
+    ("Guide\nWhat this guide covers.", "c79dc00adbe5e1d31c2885d049f2957e",
+     "a8bb1343080363ef00958e8a40a467e5b2897088ffb90c5896ddf504440ca0cc"),
+]
+
+
+def test_chunk_ids_and_hashes_are_the_documented_known_values(default_chunks: list[Chunk]) -> None:
+    """Chunk id = sha256(document_id, chunk_index, text)[:32] and content hash = sha256(text), by value."""
+    got = [(c.text, c.chunk_id, c.content_hash) for c in default_chunks[:2]]
+    assert got == KNOWN_CHUNKS
+    assert all(c.document_id == "guide.md" for c in default_chunks[:2])
 
 
 def test_consecutive_chunks_of_a_section_overlap(embedder: Embedder, small_chunks: list[Chunk]) -> None:

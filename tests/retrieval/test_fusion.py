@@ -2,7 +2,7 @@
 
 import pytest
 
-from retrieval.fusion import convex_fusion, min_max, rrf_fusion
+from retrieval.fusion import convex_fusion, fuse, min_max, rrf_fusion
 
 
 def test_min_max_scales_to_unit_interval():
@@ -37,3 +37,12 @@ def test_rrf_matches_hand_computation():
     assert fused["b"] == pytest.approx(1 / 62 + 1 / 61)
     assert fused["c"] == pytest.approx(1 / 62)
     assert [c for c, _ in rrf_fusion([("a", 1.0), ("b", 0.5)], [("b", 1.0), ("c", 0.5)], k=60)] == ["b", "a", "c"]
+
+
+def test_fuse_dispatches_by_name_and_refuses_an_unknown_one():
+    """An unknown fusion name is an error naming the allowed values, never a silent convex fallback."""
+    lexical, dense = [("a", 3.0), ("b", 2.0)], [("b", 0.9), ("a", 0.1)]
+    assert fuse(lexical, dense, fusion="convex", alpha=1.0, rrf_k=60) == convex_fusion(lexical, dense, 1.0)
+    assert fuse(lexical, dense, fusion="rrf", alpha=1.0, rrf_k=60) == rrf_fusion(lexical, dense, k=60)
+    with pytest.raises(ValueError, match="'convex' or 'rrf', got 'max'"):
+        fuse(lexical, dense, fusion="max", alpha=0.5, rrf_k=60)  # type: ignore[arg-type]
