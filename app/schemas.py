@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from generation.adapters import ADAPTER_REF_RE
 from generation.grounding import AbstainReason
+from generation.rag import Citation
+from ingestion.indexer import IngestCounts
 
 MAX_QUESTION_CHARS = 8000  # hard cap; the configured limit (RAG_MAX_QUESTION_CHARS) is checked in the route
 
@@ -57,21 +59,6 @@ class QueryRequest(Strict):
         return value
 
 
-class Citation(BaseModel):
-    ref: int = Field(description="[ref] in the answer points at this chunk.")
-    chunk_id: str
-    document_id: str
-    section: str
-    source: str
-    score: float = Field(description="Fused retrieval score (1.0: the best hit of this question).")
-    text: str
-    relevance: float = Field(0.0, description="Share of the question's content terms found in the chunk.")
-    answerability: float | None = Field(None, description="The answerability cross-encoder's probability that the "
-                                                          "chunk answers the question (null without one).")
-    dense_score: float | None = Field(None, description="Cosine similarity of question and chunk.")
-    supports_answer: bool = Field(False, description="The answer cites this chunk and the chunk supports it.")
-
-
 class Provenance(BaseModel):
     index_collection: str
     index_generation: int
@@ -116,9 +103,7 @@ class QueryResponse(BaseModel):
     @classmethod
     def from_answer(cls, answer: Any) -> "QueryResponse":
         """From a generation.rag.Answer (same field names)."""
-        fields = {name: getattr(answer, name) for name in cls.model_fields if name != "citations"}
-        citations = [{name: getattr(c, name) for name in Citation.model_fields} for c in answer.citations]
-        return cls.model_validate({**fields, "citations": citations})
+        return cls.model_validate({name: getattr(answer, name) for name in cls.model_fields})
 
 
 class Health(BaseModel):
@@ -149,21 +134,12 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
-class JobCounts(BaseModel):
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    deleted: int = 0
-    chunks_written: int = 0
-    chunks_removed: int = 0
-
-
 class JobStatus(BaseModel):
     job_id: str
     kind: str
     status: str  # queued | running | succeeded | failed
     progress: dict
-    counts: JobCounts
+    counts: IngestCounts  # the ingestion stage's own type: a new counter reaches the API by itself
     error: str | None
     created_at: str
     started_at: str | None

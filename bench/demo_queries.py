@@ -30,7 +30,7 @@ def measure(repeat: int) -> dict:
     from fastapi.testclient import TestClient
 
     import app
-    from app.cli import DEMO_CORPUS
+    from app.cli.common import DEMO_CORPUS
     from app.container import build_services
     from app.main import create_app
     from app.settings import Settings

@@ -13,7 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from generation.generate import GenerationResult
 from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
@@ -27,17 +29,22 @@ from retrieval.hybrid import HybridRetriever
 
 @dataclass
 class Citation:
-    ref: int
+    """One chunk given to the generator; the same type goes out on the wire (app/schemas.py), so the
+    descriptions here are the API's."""
+
+    ref: Annotated[int, Field(description="[ref] in the answer points at this chunk.")]
     chunk_id: str
     document_id: str
     section: str
     source: str
-    score: float
+    score: Annotated[float, Field(description="Fused retrieval score (1.0: the best hit of this question).")]
     text: str
-    relevance: float = 0.0  # share of the question's terms in the chunk (generation/grounding.py)
-    answerability: float | None = None  # the cross-encoder's probability that the chunk answers the question
-    dense_score: float | None = None  # raw cosine similarity with the question
-    supports_answer: bool = False  # the returned answer cites this chunk and it supports the answer
+    relevance: Annotated[float, Field(description="Share of the question's content terms (idf-weighted) found in "
+                                                  "the chunk (generation/grounding.py).")] = 0.0
+    answerability: Annotated[float | None, Field(description="The answerability cross-encoder's probability that "
+                                                             "the chunk answers the question (null without one).")] = None
+    dense_score: Annotated[float | None, Field(description="Cosine similarity of question and chunk.")] = None
+    supports_answer: Annotated[bool, Field(description="The answer cites this chunk and the chunk supports it.")] = False
 
 
 @dataclass

@@ -320,6 +320,8 @@ class VllmGenerator:
     health_timeout_s: float = 1.0
     _ready: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _state: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)  # (checked at, state)
+    _state_checking: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def request_model(self) -> str:
@@ -352,19 +354,38 @@ class VllmGenerator:
                 log.info("registered adapter %s (%s) with %s", self.adapter_name, self.adapter_path, self.client.where)
             self._ready = True
 
-    def state(self) -> dict[str, Any]:
-        """What /health shows: whether vLLM answers (within ``health_timeout_s``, no retry) and what it serves."""
+    def state(self, max_age_s: float = 2.0) -> dict[str, Any]:
+        """What /health shows: whether vLLM answers (within ``health_timeout_s``, no retry) and what it serves.
+
+        The last check is returned and, when older than ``max_age_s``, repeated in a background thread:
+        /health never waits on a slow vLLM (only the very first check does, bounded by the timeout).
+        """
+        cached = self._state
+        if cached is None:
+            return self._check_state()
+        if time.monotonic() - cached[0] > max_age_s and self._state_checking.acquire(blocking=False):
+            def check() -> None:
+                try:
+                    self._check_state()
+                finally:
+                    self._state_checking.release()
+
+            threading.Thread(target=check, name="vllm-health", daemon=True).start()
+        return cached[1]
+
+    def _check_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"url": self.client.url, "model": self.served_model, "reachable": False,
                                  "adapter_loaded": None, "error": None}
         try:
             ids = [m["id"] for m in self.client.models(timeout_s=self.health_timeout_s, retries=0)]
         except VllmError as exc:
             state["error"] = str(exc)
-            return state
-        state["reachable"] = True
-        state["model"] = self.served_model or (ids[0] if ids else None)
-        if self.adapter_name:
-            state["adapter_loaded"] = self.adapter_name in ids
+        else:
+            state["reachable"] = True
+            state["model"] = self.served_model or (ids[0] if ids else None)
+            if self.adapter_name:
+                state["adapter_loaded"] = self.adapter_name in ids
+        self._state = (time.monotonic(), state)
         return state
 
     def _body(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:

@@ -313,7 +313,7 @@ class SemanticChunker:
         overlap_tokens: int = 50,
         breakpoint_percentile: float = 90.0,
         context_header: bool = True,
-        breakpoint_vectors: str = "encoder",
+        breakpoint_vectors: str = "static",  # as Settings (RAG_CHUNK_BREAKPOINT_VECTORS): one default
     ) -> None:
         self.limit = effective_limit(embedder, max_tokens, overlap_tokens)
         if not 0.0 <= breakpoint_percentile <= 100.0:

@@ -17,7 +17,7 @@ import httpx
 
 import pytest
 
-from app.cli import DEMO_CORPUS
+from app.cli.common import DEMO_CORPUS
 from app.container import build_services
 from app.settings import Settings
 from app.signature import sign

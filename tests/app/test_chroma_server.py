@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import app.container
-from app.cli import ingest_paths
+from app.cli.service import ingest_paths
 from app.main import create_app
 from tests.app.conftest import (SECRET, found_documents, found_texts, make_settings, marker, signed_headers,
                                 synthetic_documents, wait_for_job, webhook_body)

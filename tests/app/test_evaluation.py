@@ -98,9 +98,7 @@ def test_end_to_end_with_tuning_and_settings_pick_it_up(tmp_path, monkeypatch):
 
     # The CLI reuses the cached index (same corpus and settings) and writes the JSON report.
     from app.cli import cli
-    from app.cli_eval import register
 
-    register(cli)
     out = tmp_path / "report.json"
     monkeypatch.setenv("RAG_RETRIEVAL_TUNING", "none")
     result = CliRunner().invoke(cli, ["eval", "retrieval", "--corpus", str(corpus), "--queries", str(queries),

@@ -1,6 +1,6 @@
 """Ingestion into real Chroma + BM25 and hybrid retrieval over the demo corpus."""
 
-from app.cli import DEMO_CORPUS
+from app.cli.common import DEMO_CORPUS
 from ingestion.loaders import load_documents
 
 

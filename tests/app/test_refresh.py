@@ -212,10 +212,8 @@ def _rollback(client, services):
 def test_cli_refresh_in_process_and_lock(service, tmp_path, monkeypatch, embedder):
     """`rag refresh` with no service running: in this process, under the writer lock."""
     import app.container
-    from app.cli import cli, _register_command_groups
+    from app.cli import cli
     from ingestion.ledger import writer_lock
-
-    _register_command_groups()
     data = tmp_path / "cli-data"
     settings = make_settings(data, load_generator=False)
     seeded = build_services(settings, embedder=embedder)

@@ -87,7 +87,7 @@ def test_limit_sample_is_the_same_for_the_base_model_and_an_adapter(tmp_path, mo
 
     import app.container
     import app.evaluation.indexes
-    from app.cli import _register_command_groups, cli
+    from app.cli import cli
     from generation.finetune import evaluate as ev
 
     built, evaluated = [], []
@@ -107,7 +107,6 @@ def test_limit_sample_is_the_same_for_the_base_model_and_an_adapter(tmp_path, mo
     monkeypatch.setattr(app.evaluation.indexes, "squad_corpus_index", lambda *args: index)
     monkeypatch.setattr(ev, "evaluate_items", evaluate_items)
     monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path / "data"))
-    _register_command_groups()
     data = squad_file(tmp_path / "squad.json", IDS)
     for adapter in ("none", "other-adapter"):
         result = CliRunner().invoke(cli, ["eval", "generation", "--data", str(data), "--limit", "4",

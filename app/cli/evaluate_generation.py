@@ -8,18 +8,16 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from app.cli import fail, load_settings
-from app.cli_eval import eval_app
+from app.cli.common import fail, load_settings
 from app.settings import REPO_ROOT
 
 FINETUNE_CACHE = REPO_ROOT / ".cache" / "finetune"
 
 
-def register(cli: typer.Typer) -> None:
-    """The command is added to `rag eval` on import; app.cli_eval mounts the group."""
+def register(group: typer.Typer) -> None:
+    group.command("generation")(generation)
 
 
-@eval_app.command("generation")
 def generation(
     data: Annotated[Path, typer.Option(help="SQuAD-format JSON (v1.1 or v2.0) or JSONL.", exists=True, dir_okay=False)],
     mode: Annotated[str, typer.Option(help="gold: the question's own paragraph; retrieval: the service's retriever.")] = "gold",

@@ -13,13 +13,12 @@ from typing import Annotated
 
 import typer
 
-from app.cli import fail, load_settings, running_service
+from app.cli.common import fail, load_settings, running_service
 from ingestion.progress import chunks_and_rate
 
 
 def register(cli: typer.Typer) -> None:
-    if not any(command.callback is refresh for command in cli.registered_commands):
-        cli.command("refresh")(refresh)
+    cli.command("refresh")(refresh)
 
 
 def refresh(

@@ -1,72 +1,15 @@
-"""The `rag` command line: setup, ingest, query, serve (more command groups register themselves below)."""
+"""`rag setup`, `rag ingest`, `rag query`, `rag serve`: the service's own commands."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
+from app.cli.common import DEMO_CORPUS, fail, is_loopback, load_settings, running_service
 from app.settings import Settings
-
-cli = typer.Typer(help="Retrieval-augmented answers over your documents.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-
-DEMO_CORPUS = Path(__file__).resolve().parent.parent / "demo" / "corpus"
-
-
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment, or a clear exit naming every invalid RAG_ variable."""
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            name = "RAG_" + "_".join(str(p) for p in error["loc"]).upper() if error["loc"] else "settings"
-            typer.secho(f"invalid setting {name}: {error['msg']}", err=True, fg="red")
-        raise typer.Exit(2) from None
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", err=True, fg="red")
-    raise typer.Exit(code)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _server_url(settings: Settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}"
-
-
-def running_service(settings: Settings):
-    """An httpx client for the service on settings.host:port if one answers /health, else None."""
-    import httpx
-
-    headers = {}
-    keys = settings.admin_api_keys or settings.api_keys
-    if keys:
-        headers["Authorization"] = f"Bearer {keys[0]}"
-    client = httpx.Client(base_url=_server_url(settings), headers=headers, timeout=600)
-    try:
-        client.get("/health", timeout=2).raise_for_status()
-        return client
-    except httpx.HTTPError:
-        client.close()
-        return None
-
 
 def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     """Load every file first (a bad file or line stops everything before a write), then index."""
@@ -107,7 +50,6 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     return counts.as_dict()
 
 
-@cli.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="Files or folders: .txt .md .html .pdf .jsonl")]) -> None:
     """Chunk, embed and index documents into the live index generation."""
     from ingestion.ledger import DataDirLocked
@@ -123,7 +65,6 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="Files or folders: .
     typer.echo(json.dumps(counts))
 
 
-@cli.command()
 def setup(demo: Annotated[bool, typer.Option(help="Ingest the demo corpus when the index is empty.")] = True) -> None:
     """Prepare the bundled models (one-time conversion into the cache) and ingest the demo corpus."""
     from app.container import build_embedder
@@ -144,7 +85,6 @@ def setup(demo: Annotated[bool, typer.Option(help="Ingest the demo corpus when t
             typer.echo("index already holds documents; demo corpus not re-ingested")
 
 
-@cli.command()
 def query(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
     top_k: Annotated[Optional[int], typer.Option(min=1, max=50)] = None,
@@ -219,7 +159,6 @@ def _streamed_query(client, body: dict, show) -> dict:
     fail("the service closed the stream before its answer")
 
 
-@cli.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default RAG_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default RAG_PORT).")] = None,
@@ -230,7 +169,7 @@ def serve(
     from app.main import create_app
 
     settings = load_settings(host=host, port=port)
-    if not settings.api_keys and not _is_loopback(settings.host):
+    if not settings.api_keys and not is_loopback(settings.host):
         fail(f"refusing to bind {settings.host} without API keys: set RAG_API_KEYS, or bind a loopback address")
     preflight(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
@@ -250,38 +189,6 @@ def preflight(settings: Settings) -> None:
                       timeout_s=settings.chroma_timeout_s)
 
 
-def _register_command_groups() -> None:
-    """Command groups that live in their own modules (each adds a typer sub-app)."""
-    import importlib
-
-    for module_name in ("app.cli_refresh", "app.cli_eval", "app.cli_eval_generation", "app.cli_train",
-                        "app.cli_adapters"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        module.register(cli)
-
-
-def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("bm25s", "httpx", "chromadb"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernels notice, on every start
-    _register_command_groups()
-    from ingestion.model_files import ModelUnavailable
-    from retrieval.dense import ChromaUnavailable
-
-    try:
-        cli()
-    except (ChromaUnavailable, ModelUnavailable) as exc:  # a missing part: one line, never a traceback
-        typer.secho(f"error: {exc}", err=True, fg="red")
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(cli: typer.Typer) -> None:
+    for command in (setup, ingest, query, serve):
+        cli.command()(command)

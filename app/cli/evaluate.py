@@ -1,7 +1,5 @@
-"""`rag eval ...`: retrieval and chunking evaluation commands (the logic lives in retrieval/).
-
-Other modules add commands to the same group by importing ``eval_app``.
-"""
+"""`rag eval retrieval` and `rag eval chunking` (the logic lives in app/evaluation/); app/cli/__init__.py also
+registers `rag eval generation` (evaluate_generation.py) into ``eval_app``."""
 
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.cli import fail, load_settings
+from app.cli.common import fail, load_settings
 from app.settings import REPO_ROOT
 
 eval_app = typer.Typer(help="Measure retrieval and answer quality on labelled data.", no_args_is_help=True)
@@ -22,8 +20,7 @@ ExistingFile = dict(exists=True, dir_okay=False, readable=True)
 
 
 def register(cli: typer.Typer) -> None:
-    if not any(group.typer_instance is eval_app for group in cli.registered_groups):
-        cli.add_typer(eval_app, name="eval")
+    cli.add_typer(eval_app, name="eval")
 
 
 def _write_json(path: Path | None, report: dict) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.cli import fail, load_settings
+from app.cli.common import fail, load_settings
 
 adapters_app = typer.Typer(help="Trained LoRA adapters: list, activate, roll back, calibrate.", no_args_is_help=True)
 RegistryOption = Annotated[Optional[Path], typer.Option(help="Adapter registry (default RAG_ADAPTERS_DIR).")]

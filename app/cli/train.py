@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from app.cli import fail, load_settings
+from app.cli.common import fail, load_settings
 from app.settings import REPO_ROOT
 
 FINETUNE_CACHE = REPO_ROOT / ".cache" / "finetune"

@@ -1,0 +1,38 @@
+"""The `rag` command line. Every command and group is registered here, explicitly: a module that is
+missing or renamed fails at import, it never drops its commands silently."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from app.cli import adapters, evaluate, evaluate_generation, refresh, service, train
+
+cli = typer.Typer(help="Retrieval-augmented answers over your documents.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+service.register(cli)  # setup, ingest, query, serve
+refresh.register(cli)
+evaluate_generation.register(evaluate.eval_app)  # rag eval generation, beside retrieval and chunking
+evaluate.register(cli)
+train.register(cli)
+adapters.register(cli)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("bm25s", "httpx", "chromadb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernels notice, on every start
+    from ingestion.model_files import ModelUnavailable
+    from retrieval.dense import ChromaUnavailable
+
+    try:
+        cli()
+    except (ChromaUnavailable, ModelUnavailable) as exc:  # a missing part: one line, never a traceback
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(1)

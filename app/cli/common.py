@@ -1,0 +1,60 @@
+"""What every `rag` command shares: settings or a clear exit, one-line failures, the running service."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+DEMO_CORPUS = Path(__file__).resolve().parents[2] / "demo" / "corpus"
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, or a clear exit naming every invalid RAG_ variable."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "RAG_" + "_".join(str(p) for p in error["loc"]).upper() if error["loc"] else "settings"
+            typer.secho(f"invalid setting {name}: {error['msg']}", err=True, fg="red")
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(code)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def running_service(settings: Settings):
+    """An httpx client for the service on settings.host:port if one answers /health, else None."""
+    import httpx
+
+    headers = {}
+    keys = settings.admin_api_keys or settings.api_keys
+    if keys:
+        headers["Authorization"] = f"Bearer {keys[0]}"
+    client = httpx.Client(base_url=server_url(settings), headers=headers, timeout=600)
+    try:
+        client.get("/health", timeout=2).raise_for_status()
+        return client
+    except httpx.HTTPError:
+        client.close()
+        return None
