@@ -300,7 +300,8 @@ class Services:
         }
 
 
-def open_live_generation(settings: Settings, ledger: Ledger, client: Any, embedder: Embedder) -> tuple[GenerationRow, DenseIndex]:
+def open_live_generation(settings: Settings, ledger: Ledger, client: Any,
+                         embedder: Embedder) -> tuple[GenerationRow, DenseIndex]:
     """The live generation and its collection; the first start creates generation 1 and makes it live."""
     generation = ledger.live_generation()
     if generation is None:

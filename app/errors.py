@@ -19,7 +19,8 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         ctx = next((e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid"), {})
-        return JSONResponse(status_code=400, content={"detail": f"malformed JSON body: {ctx.get('error', 'cannot parse')}"})
+        detail = f"malformed JSON body: {ctx.get('error', 'cannot parse')}"
+        return JSONResponse(status_code=400, content={"detail": detail})
     return JSONResponse(
         status_code=422,
         content={"detail": describe_validation_errors(errors),

@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     vllm_retries: int = Field(2, ge=0, le=10)
     vllm_health_timeout_s: float = Field(1.0, gt=0, description="/health's check of vLLM (no retries).")
     load_generator: bool = Field(True, description="False: serve retrieval and ingestion only (/query answers 503).")
-    context_window: int = Field(2048, ge=256, description="Tokens the generator may see (RoPE-scaled if beyond native).")
+    context_window: int = Field(2048, ge=256,
+                                description="Tokens the generator may see (RoPE-scaled if beyond native).")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     quantization: Literal["none", "4bit", "8bit"] = "none"
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -157,7 +157,8 @@ def main() -> None:
     lines = ["| backend | questions | identical generations | identical answers | EM | F1 | abstained | s / answer |",
              "|---|---|---|---|---|---|---|---|"]
     for backend in ("transformers", "vllm"):
-        lines.append(f"| {backend} | {n} | {summary['identical_generated']:.0f}% | {summary['identical_answer']:.0f}% | "
+        lines.append(f"| {backend} | {n} | {summary['identical_generated']:.0f}% | "
+                     f"{summary['identical_answer']:.0f}% | "
                      f"{em[backend]:.1f} | {f1[backend]:.1f} | {summary['abstained'][backend]:.0f}% | "
                      f"{summary['seconds_per_answer'][backend]:.2f} |")
     body = (f"### Generator backends: transformers in process vs vLLM, the same packed prompts\n\n"

@@ -72,7 +72,8 @@ def main() -> None:
         if args.eval_data:
             report = args.out.parent / f"{name}-eval.json"
             run([rag, "eval", "generation", "--data", str(args.eval_data), "--mode", "gold", "--adapter",
-                 str(version), "--limit", str(args.eval_limit), "--abstain-margin", str(args.abstain_margin), "--json", str(report)],
+                 str(version), "--limit", str(args.eval_limit), "--abstain-margin", str(args.abstain_margin),
+                 "--json", str(report)],
                 log.with_suffix(".eval.log"))
             scores = json.loads(report.read_text())
             entry.update({"gold_em": scores["em"], "gold_f1": scores["f1"], "gold_n": scores["n"],

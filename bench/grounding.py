@@ -88,7 +88,8 @@ def main() -> None:
     if args.run_only:
         return
     body = ("### Grounded or silent: the shipped profile, adapter against base model\n\n"
-            f"Thresholds served for the adapter (its metadata, from `rag adapters calibrate`): `{json.dumps(grounding)}`, "
+            "Thresholds served for the adapter (its metadata, from `rag adapters calibrate`): "
+            f"`{json.dumps(grounding)}`, "
             f"abstention margin {rows[0][2].get('abstain_margin') if rows else ''}; reranker "
             f"{rows[0][2].get('reranker') if rows else ''}. The base model has no calibration and is served with "
             "the defaults (support check only).\n\n" + table)

@@ -28,7 +28,8 @@ SIGNALS = {  # name -> (description, value from a record; higher = more likely a
     "abstain preference (negated)": ("first-token preference for \"I don't know.\"",
                                      lambda s: None if s["abstain_preference"] is None else -s["abstain_preference"]),
     "confidence": ("mean token log-probability of the answer", lambda s: s["confidence"]),
-    "support": ("answer words in the cited chunk", lambda s: max((s["support"][r - 1] for r in s["cited"]), default=0.0)),
+    "support": ("answer words in the cited chunk",
+                lambda s: max((s["support"][r - 1] for r in s["cited"]), default=0.0)),
     "evidence": ("question terms in the answer's sentence",
                  lambda s: max((s["evidence"][r - 1] for r in s["cited"]), default=0.0)),
 }

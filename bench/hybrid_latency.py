@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from common import (CACHE, REPO, folder_bytes, percentiles, random_unit_vectors, real_chunks, rss_bytes,
                     scifact_queries, synthetic_chunks, update_section)
 
@@ -105,7 +104,8 @@ def build(n: int, root: Path, *, real: bool, dim: int = DIM) -> dict:
         rate = (stop - start) / (time.perf_counter() - started)
         log(f"chroma: {stop:,}/{n:,} ({rate:,.0f}/s)")
     info = {"kind": "SciFact chunks, MiniLM vectors" if real else "random SciFact sentences, random vectors",
-            "n": n, "dim": dim, "chroma": str(root / "chroma"), "collection": "bench_chunks", "bm25": str(root / "bm25"),
+            "n": n, "dim": dim, "chroma": str(root / "chroma"), "collection": "bench_chunks",
+            "bm25": str(root / "bm25"),
             "chroma_upserts_per_s": round((n - start) / (time.perf_counter() - started), 1) if n > start else None}
     done.write_text(json.dumps(info, indent=2))
     return info
@@ -185,7 +185,8 @@ def measure(info: dict, n_queries: int, candidates: int, ef_search: int | None) 
         for key in ("hybrid_embed", "hybrid_cached"):
             results[key] = (float("nan"), float("nan"))
     return {
-        "n": n, "dim": dim, "kind": info["kind"], "candidates": candidates, "ef_search": ef_search, "queries": len(queries),
+        "n": n, "dim": dim, "kind": info["kind"], "candidates": candidates, "ef_search": ef_search,
+        "queries": len(queries),
         **{f"{k}_p50": v[0] for k, v in results.items()}, **{f"{k}_p95": v[1] for k, v in results.items()},
         "bm25_disk_per_chunk": folder_bytes(Path(info["bm25"])) / n,
         "chroma_disk_per_chunk": folder_bytes(Path(info["chroma"])) / n,
@@ -209,9 +210,11 @@ def tables(rows: list[dict]) -> str:
         latency.append(f"| {r['n']:,} | {r['kind']} | {pair('bm25')} | {pair('dense')} | **{pair('hybrid')}** "
                        f"| {pair('hybrid_embed')} | {pair('hybrid_cached')} |")
         memory.append(f"| {r['n']:,} | {r['bm25_disk_per_chunk']:.0f} | {r['bm25_rss_open_per_chunk']:.0f} / "
-                      f"{r['bm25_rss_per_chunk']:.0f} | {r['chroma_disk_per_chunk']:.0f} | {r['chroma_rss_per_chunk']:.0f} |")
+                      f"{r['bm25_rss_per_chunk']:.0f} | {r['chroma_disk_per_chunk']:.0f} | "
+                      f"{r['chroma_rss_per_chunk']:.0f} |")
     r = rows[-1]
-    head = (f"### Hybrid retrieval latency ({r['dim']}-d, ms, top 10, {r['candidates']} candidates per retriever, {settings().fusion} fusion, "
+    head = (f"### Hybrid retrieval latency ({r['dim']}-d, ms, top 10, {r['candidates']} candidates per retriever, "
+            f"{settings().fusion} fusion, "
             f"{r['queries']} SciFact claims; Chroma HNSW ef_search {r['ef_search'] or 'default (100)'})\n\n")
     return head + "\n".join(latency) + f"\n\n### Memory and disk per chunk ({r['dim']}-d)\n\n" + "\n".join(memory)
 

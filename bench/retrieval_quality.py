@@ -40,7 +40,8 @@ def main() -> None:
     semantic, fixed = (chunking_report["chunkers"][k] for k in ("semantic", "fixed"))
     chunking = ("### Chunking on long documents: answer recall@k (a top-k chunk contains a gold answer)\n\n"
                 + format_chunking(chunking_report)
-                + f"\n\nMean chunk size: semantic {semantic['mean_tokens']:.0f} tokens, fixed {fixed['mean_tokens']:.0f} "
+                + f"\n\nMean chunk size: semantic {semantic['mean_tokens']:.0f} tokens, "
+                  f"fixed {fixed['mean_tokens']:.0f} "
                   f"(same limit, {semantic['effective_limit_tokens']} tokens, and overlap): at equal k the fixed "
                   f"windows put more text in front of the generator.")
     print(retrieval, "\n\n", chunking, sep="")

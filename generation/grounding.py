@@ -4,8 +4,8 @@ Serving and evaluation take the same decision (:func:`verdict`) from the same si
 
 - **relevance** (before generation), per chunk: the share of the question's content terms (lower-cased,
   stemmed, stop words and question words removed) that occur in the chunk, each weighted by its idf in
-  the live BM25 index, and the raw cosine similarity of question and chunk from dense retrieval. When no chunk reaches the thresholds the generator is not
-  run at all (``no_relevant_context``).
+  the live BM25 index, and the raw cosine similarity of question and chunk from dense retrieval. When no chunk
+  reaches the thresholds the generator is not run at all (``no_relevant_context``).
 - **support** (after generation), per chunk: the share of the answer's words (SQuAD normalization) found
   in the chunk; 1.0 when the answer occurs in it verbatim.
 - **evidence**, per supporting chunk: the share of the question's content terms that are not part of the

@@ -41,10 +41,12 @@ class Citation:
     text: str
     relevance: Annotated[float, Field(description="Share of the question's content terms (idf-weighted) found in "
                                                   "the chunk (generation/grounding.py).")] = 0.0
-    answerability: Annotated[float | None, Field(description="The answerability cross-encoder's probability that "
-                                                             "the chunk answers the question (null without one).")] = None
+    answerability: Annotated[float | None, Field(
+        description="The answerability cross-encoder's probability that the chunk answers the question "
+                    "(null without one).")] = None
     dense_score: Annotated[float | None, Field(description="Cosine similarity of question and chunk.")] = None
-    supports_answer: Annotated[bool, Field(description="The answer cites this chunk and the chunk supports it.")] = False
+    supports_answer: Annotated[bool, Field(
+        description="The answer cites this chunk and the chunk supports it.")] = False
 
 
 @dataclass

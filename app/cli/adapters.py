@@ -77,9 +77,11 @@ def calibrate(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
     limit: Annotated[int, typer.Option(min=20, help="Seeded sample of in-corpus questions.")] = 240,
     out_of_corpus: Annotated[int, typer.Option(min=0, help="Seeded sample of out-of-corpus questions.")] = 120,
-    max_abstain_answerable: Annotated[float, typer.Option(min=0, max=100, help="Cap, percent of answerable questions, in each mode.")] = 10.0,
-    reuse: Annotated[bool, typer.Option(help="Choose again from this adapter's last recorded run with the same "
-                                              "questions and settings (under another cap, say), without generating.")] = False,
+    max_abstain_answerable: Annotated[float, typer.Option(
+        min=0, max=100, help="Cap, percent of answerable questions, in each mode.")] = 10.0,
+    reuse: Annotated[bool, typer.Option(
+        help="Choose again from this adapter's last recorded run with the same questions and settings (under "
+             "another cap, say), without generating.")] = False,
     registry: RegistryOption = None,
 ) -> None:
     """Choose when the adapter abstains, on its held-out validation articles, and store it in its metadata.

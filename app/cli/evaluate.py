@@ -36,12 +36,15 @@ def retrieval(
     queries: Annotated[Path, typer.Option(help="BEIR queries.jsonl (_id, text).", **ExistingFile)],
     qrels: Annotated[Path, typer.Option(help="BEIR qrels .tsv (query-id, corpus-id, score).", **ExistingFile)],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
-    tune: Annotated[bool, typer.Option(help="Sweep fusion on these judgments and write the best to the tuning file.")] = False,
-    tuning_out: Annotated[Optional[Path], typer.Option(help="Tuning file to write (default RAG_RETRIEVAL_TUNING).")] = None,
+    tune: Annotated[bool, typer.Option(
+        help="Sweep fusion on these judgments and write the best to the tuning file.")] = False,
+    tuning_out: Annotated[Optional[Path], typer.Option(
+        help="Tuning file to write (default RAG_RETRIEVAL_TUNING).")] = None,
     plot: Annotated[Path, typer.Option(help="PNG of the tuning curve (with --tune).")] = DEFAULT_PLOT,
     data_dir: Annotated[Optional[Path], typer.Option(help="Build/reuse the index here instead of the cache.")] = None,
     cache: Annotated[bool, typer.Option(help="Reuse an index cached under .cache/eval (else a throwaway one).")] = True,
-    split_name: Annotated[Optional[str], typer.Option(help="Name of the judgments in the report (default corpus-folder/qrels-name).")] = None,
+    split_name: Annotated[Optional[str], typer.Option(
+        help="Name of the judgments in the report (default corpus-folder/qrels-name).")] = None,
     depth: Annotated[int, typer.Option(min=10, max=2000, help="Chunk candidates per retriever.")] = 200,
 ) -> None:
     """BM25, dense and hybrid (both fusions) on a BEIR data set: NDCG@10, Recall@100, MRR@10, latency."""
@@ -70,7 +73,8 @@ def retrieval(
 
 @eval_app.command()
 def chunking(
-    squad: Annotated[Path, typer.Option(help="SQuAD v1.1 JSON; each article becomes one long document.", **ExistingFile)],
+    squad: Annotated[Path, typer.Option(
+        help="SQuAD v1.1 JSON; each article becomes one long document.", **ExistingFile)],
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N articles.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     cache: Annotated[bool, typer.Option(help="Reuse indexes cached under .cache/eval (else throwaway ones).")] = True,

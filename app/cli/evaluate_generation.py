@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,15 +20,19 @@ def register(group: typer.Typer) -> None:
 
 def generation(
     data: Annotated[Path, typer.Option(help="SQuAD-format JSON (v1.1 or v2.0) or JSONL.", exists=True, dir_okay=False)],
-    mode: Annotated[str, typer.Option(help="gold: the question's own paragraph; retrieval: the service's retriever.")] = "gold",
-    adapter: Annotated[Optional[str], typer.Option(help="Registry name[@version], a folder, or 'none' for the base model (default RAG_ADAPTER).")] = None,
+    mode: Annotated[str, typer.Option(
+        help="gold: the question's own paragraph; retrieval: the service's retriever.")] = "gold",
+    adapter: Annotated[Optional[str], typer.Option(
+        help="Registry name[@version], a folder, or 'none' for the base model (default RAG_ADAPTER).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="A fixed, seeded random sample of N questions.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report (with predictions) here.")] = None,
-    abstain_margin: Annotated[Optional[float], typer.Option(min=0.0, help="Override the adapter's calibrated abstention margin (logits).")] = None,
-    corpus: Annotated[Optional[list[Path]], typer.Option(help="Retrieval mode: index these SQuAD-format files' articles "
-                                                          "instead of --data's; questions whose article is not among "
-                                                          "them are out of corpus (repeatable).", exists=True, dir_okay=False)] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write the report (with predictions) here.")] = None,
+    abstain_margin: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Override the adapter's calibrated abstention margin (logits).")] = None,
+    corpus: Annotated[Optional[list[Path]], typer.Option(
+        help="Retrieval mode: index these SQuAD-format files' articles instead of --data's; questions whose "
+             "article is not among them are out of corpus (repeatable).", exists=True, dir_okay=False)] = None,
     unsupported: Annotated[Optional[str], typer.Option(help="abstain or flag (default RAG_UNSUPPORTED).")] = None,
 ) -> None:
     """SQuAD EM/F1 (official normalization, citations stripped), abstention and citation checks, as /query answers.
@@ -79,7 +83,8 @@ def generation(
                "adapter": getattr(generator, "adapter_name", None), "generator_model": settings.generator_model,
                "top_k": settings.top_k if mode == "retrieval" else 1, "context_window": settings.context_window,
                "max_new_tokens": settings.max_new_tokens, "abstain_margin": generator.abstain_margin,
-               "grounding": generator.grounding.as_dict(), "reranker": getattr(scorer, "name", None), "unsupported": unsupported or settings.unsupported,
+               "grounding": generator.grounding.as_dict(), "reranker": getattr(scorer, "name", None),
+               "unsupported": unsupported or settings.unsupported,
                "corpus": [str(c) for c in corpus or []]}
     typer.echo(json.dumps(summary, indent=2))
     if json_out is not None:

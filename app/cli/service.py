@@ -95,7 +95,8 @@ def query(
 ) -> None:
     """Answer a question with citations (through the running service when there is one)."""
     settings = load_settings()
-    body = {"question": question, **({"top_k": top_k} if top_k else {}), **({"alpha": alpha} if alpha is not None else {})}
+    body = {"question": question, **({"top_k": top_k} if top_k else {}),
+            **({"alpha": alpha} if alpha is not None else {})}
     client = None if local else running_service(settings)
     show = (lambda text: typer.echo(text, nl=False)) if stream and not as_json else None
     if client is not None and stream:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from app.settings import Settings
 from ingestion.chunker import effective_limit, fixed_size_chunks

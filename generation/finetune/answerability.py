@@ -211,7 +211,8 @@ def train_reranker(config: RerankerConfig, *, open_index: OpenCorpusIndex, root:
                           "articles": {"validation": sorted(a.title for a in validation),
                                        "excluded": sorted(excluded)}},
         "metrics": {"best_val_auc": round(best_auc, 4), "steps": step, "train_seconds": round(seconds, 1),
-                    "pairs_per_s": round(step * config.batch_size / seconds, 2), "stopped_by_time_budget": stopped_by_time},
+                    "pairs_per_s": round(step * config.batch_size / seconds, 2),
+                    "stopped_by_time_budget": stopped_by_time},
         "config": dataclasses.asdict(config), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
     }
@@ -236,11 +237,12 @@ def plot_reranker_curve(history: list[dict[str, float]], path: Path, title: str)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         window = 20
-        smooth = [sum(l for _, l in train[max(0, i - window + 1): i + 1]) / len(train[max(0, i - window + 1): i + 1])
+        smooth = [sum(loss for _, loss in train[max(0, i - window + 1): i + 1])
+                  / len(train[max(0, i - window + 1): i + 1])
                   for i in range(len(train))]
         ax.plot([s for s, _ in train], smooth, label="train loss (20-step mean)")
     if val:
-        ax.plot([s for s, _, _ in val], [l for _, l, _ in val], "o-", label="validation loss")
+        ax.plot([s for s, _, _ in val], [loss for _, loss, _ in val], "o-", label="validation loss")
         twin = ax.twinx()
         twin.plot([s for s, _, _ in val], [a for _, _, a in val], "s--", color="tab:green", label="validation AUC")
         twin.set_ylabel("ROC AUC")

@@ -336,7 +336,8 @@ OpenCorpusIndex = Callable[[Sequence["Article"], str], CorpusIndex]
 
 
 def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root: Path, *,
-                 open_index: OpenCorpusIndex, retrieval_key: dict[str, Any]) -> tuple[dict[str, list[Row]], dict[str, Any]]:
+                 open_index: OpenCorpusIndex,
+                 retrieval_key: dict[str, Any]) -> tuple[dict[str, list[Row]], dict[str, Any]]:
     """Training and validation rows for ``config``, from the cache when the same inputs built them before.
 
     ``open_index`` gives the service's index of the articles; ``retrieval_key`` the retrieval settings

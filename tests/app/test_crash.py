@@ -99,10 +99,12 @@ def _snapshot(kwargs: dict, out: multiprocessing.Queue) -> None:
         "documents": [tuple(r) for r in q("SELECT document_id, state, version, content_hash FROM documents "
                                          "ORDER BY document_id")],
         "generations": [(g.generation, g.state, g.collection) for g in ledger.generations()],
-        "jobs": [(r["kind"], r["status"], r["counts_json"], r["error"]) for r in q("SELECT * FROM jobs ORDER BY rowid")],
+        "jobs": [(r["kind"], r["status"], r["counts_json"], r["error"])
+                 for r in q("SELECT * FROM jobs ORDER BY rowid")],
         "collections": sorted(c.name for c in client.list_collections()),
         "bm25_folders": sorted(p.name for p in settings.bm25_path.iterdir()),
-        "chunk_rows_by_generation": [tuple(r) for r in q("SELECT generation, COUNT(*) FROM chunks GROUP BY generation")],
+        "chunk_rows_by_generation": [tuple(r) for r in
+                                     q("SELECT generation, COUNT(*) FROM chunks GROUP BY generation")],
         "built_rows_by_generation": [tuple(r) for r in q("SELECT generation, COUNT(*) FROM generation_documents "
                                                          "GROUP BY generation")],
         "segment_folders": len([p for p in settings.chroma_path.iterdir() if p.is_dir()]),

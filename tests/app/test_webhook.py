@@ -104,7 +104,8 @@ def test_invalid_bodies_are_4xx_naming_document_and_field_and_store_nothing(serv
         (b'{"documents": [', 400, "malformed JSON"),
         (b'{"documents": [{"document_id": "x1", "text": "ok"}, {"text": "no id"}]}', 422, "documents[1]"),
         (b'{"documents": [{"document_id": "x2", "text": ""}]}', 422, "(document_id 'x2'): text"),
-        (b'{"documents": [{"document_id": "x3", "text": "caf\xe9"}]}', 422, "(document_id 'x3'): text: not valid UTF-8"),
+        (b'{"documents": [{"document_id": "x3", "text": "caf\xe9"}]}', 422,
+         "(document_id 'x3'): text: not valid UTF-8"),
         (b'{"documents": [{"document_id": "x4", "text": "ok", "author": "me"}]}', 422, "author: unknown field"),
     ]
     for body, status, mention in cases:

@@ -75,7 +75,8 @@ def test_metadata_mismatch_names_both_values() -> None:
     with pytest.raises(AdapterMismatch, match="base_model: adapter trained with 'bundled:SmolLM2-135M-Instruct', "
                                               "serving 'meta-llama/Llama-2-13b-hf'"):
         check_compatible(trained, where="x", **serving(base_model="meta-llama/Llama-2-13b-hf"))
-    with pytest.raises(AdapterMismatch, match="prompt_template_version: adapter trained with 'rag-v1', serving 'rag-v2'"):
+    mismatch = "prompt_template_version: adapter trained with 'rag-v1', serving 'rag-v2'"
+    with pytest.raises(AdapterMismatch, match=mismatch):
         check_compatible(trained, where="x", **serving(prompt_template_version="rag-v2"))
     with pytest.raises(AdapterMismatch, match="not recorded"):
         check_compatible({}, where="x", **serving())

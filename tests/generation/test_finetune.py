@@ -126,8 +126,9 @@ def test_squad_v2_and_jsonl_loading(tmp_path) -> None:
         {"id": "a", "question": "What?", "answers": [{"text": "Alpha", "answer_start": 0}], "is_impossible": False},
         {"id": "b", "question": "Why?", "answers": [], "is_impossible": True}]}]}]}
     (tmp_path / "s.json").write_text(json.dumps(squad))
-    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Who?", "answer": "Gamma", "context": "Gamma was."})
-                                      + "\n" + json.dumps({"question": "When?", "answer": None, "context": "Gamma was."}) + "\n")
+    lines = [{"question": "Who?", "answer": "Gamma", "context": "Gamma was."},
+             {"question": "When?", "answer": None, "context": "Gamma was."}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     articles = load_articles([tmp_path / "s.json", tmp_path / "s.json", tmp_path / "q.jsonl"])
     assert [a.title for a in articles] == ["T_1", ""]
     assert [(q.qid, q.impossible, q.answers) for q in articles[0].paragraphs[0].qas] == [

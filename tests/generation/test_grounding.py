@@ -117,7 +117,8 @@ def test_relevance_gate_before_generation():
     paraphrase = relevance_signals("How much leave does the staff receive annually?", CHUNKS)  # few shared terms
     assert max(paraphrase.relevance) < 0.5 and has_relevant_context(paraphrase, Thresholds(relevance_min=0.5,
                                                                                            dense_min=0.6))
-    unscored = relevance_signals("How much leave does the staff receive annually?", [ContextChunk(VACATION.text)])  # BM25-only hit
+    # a BM25-only hit: no dense score
+    unscored = relevance_signals("How much leave does the staff receive annually?", [ContextChunk(VACATION.text)])
     assert not has_relevant_context(unscored, Thresholds(relevance_min=0.5, dense_min=0.6))
     gated = verdict(off_topic, strict)
     assert gated.abstained and gated.abstain_reason == "no_relevant_context" and gated.generated is None

@@ -128,8 +128,10 @@ def test_rescore_and_search_choose_thresholds_from_one_open_run():
     vacation = ContextChunk("Full-time employees get 28 vacation days per calendar year.", dense_score=0.7)
     meals = ContextChunk("The daily meal allowance while travelling is 55 euros.", dense_score=0.2)
     cases = [  # (qa, chunks, generated, first-token preference, in corpus)
-        (QA("a", "How many vacation days do employees get?", ("28 vacation days", "28")), [vacation], "28 vacation days [1]", -3.0, True),
-        (QA("b", "How many vacation days does a contractor get?", (), impossible=True), [vacation], "28 [1]", 1.5, True),
+        (QA("a", "How many vacation days do employees get?", ("28 vacation days", "28")), [vacation],
+         "28 vacation days [1]", -3.0, True),
+        (QA("b", "How many vacation days does a contractor get?", (), impossible=True), [vacation],
+         "28 [1]", 1.5, True),
         (QA("c", "What is the capital of France?", ("Paris",)), [meals], "55 euros [1]", -2.0, False),
         (QA("d", "How much is the meal allowance?", ("55 euros",)), [meals], "55 euros [1]", 0.5, True),
     ]

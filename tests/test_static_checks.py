@@ -1,0 +1,24 @@
+"""Static checks, on every test run: the layers point one way (app > generation > ingestion > retrieval) and the
+stages never import the web framework (import-linter's contracts in pyproject.toml); ruff finds nothing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name(name)), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_contracts_hold():
+    result = run_tool("lint-imports", "--no-cache")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_ruff_finds_nothing():
+    result = run_tool("ruff", "check", "--no-cache", ".")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
