@@ -353,6 +353,7 @@ class VllmGenerator:
                 self.client.load_lora(self.adapter_name, self.adapter_path)
                 log.info("registered adapter %s (%s) with %s", self.adapter_name, self.adapter_path, self.client.where)
             self._ready = True
+            self._state = None  # what /health shows changed: check again
 
     def state(self, max_age_s: float = 2.0) -> dict[str, Any]:
         """What /health shows: whether vLLM answers (within ``health_timeout_s``, no retry) and what it serves.
