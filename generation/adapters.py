@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 METADATA = "metadata.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -171,7 +171,7 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     path = Path(folder) / METADATA
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
 
 
 def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:

@@ -10,12 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from generation.loading import LoadedGenerator
+from generation.grounding import Thresholds
 from generation.prompt import ABSTAIN_ANSWER, PackedPrompt, stop_token_ids
 
 
@@ -35,9 +37,23 @@ class GenerationResult:
         return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None
 
 
-def abstain_token_id(tokenizer) -> int:
+class Generator(Protocol):
+    """The interface every backend offers (LoadedGenerator in-process, generation.vllm_backend.VllmGenerator):
+    what a prompt is packed for (``tokenizer``, ``context_window``), its calibrated ``grounding`` thresholds,
+    and ``generate`` (greedy; see :func:`generate_answer` for the arguments)."""
+
+    tokenizer: Any
+    context_window: int
+    grounding: Thresholds
+
+    def generate(self, packed: PackedPrompt, *, max_new_tokens: int, timeout_s: float | None = None,
+                 abstain_margin: float | None = None, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult: ...
+
+
+def abstain_token_id(tokenizer: Any) -> int:
     """The first token of :data:`ABSTAIN_ANSWER` as the model writes it at the start of its answer."""
-    return tokenizer(ABSTAIN_ANSWER, add_special_tokens=False).input_ids[0]
+    return cast(int, tokenizer(ABSTAIN_ANSWER, add_special_tokens=False).input_ids[0])
 
 
 class AbstainMargin(LogitsProcessor):
@@ -59,8 +75,9 @@ class AbstainMargin(LogitsProcessor):
         others = torch.cat([row[: self.token_id], row[self.token_id + 1:]])
         self.preference = float(row[self.token_id] - others.max())
         if self.margin:
-            scores = scores.clone()
-            scores[:, self.token_id] -= self.margin
+            adjusted = scores.clone()
+            adjusted[:, self.token_id] -= self.margin
+            return cast(torch.FloatTensor, adjusted)  # clone() of a FloatTensor is typed as a plain Tensor
         return scores
 
 
@@ -71,7 +88,7 @@ class TextDeltas(BaseStreamer):
     multi-byte characters split across tokens arrive whole and the deltas join to the final text.
     """
 
-    def __init__(self, tokenizer, stops: list[int], on_text: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer: Any, stops: list[int], on_text: Callable[[str], None]) -> None:
         self.tokenizer, self.stops, self.on_text = tokenizer, set(stops), on_text
         self.ids: list[int] = []
         self.sent = ""
@@ -104,8 +121,9 @@ class Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        stop = torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, stop)  # torch.full(dtype=torch.bool) is typed as a plain Tensor
 
 
 def generate_answer(

@@ -131,7 +131,8 @@ def _stemmer() -> Stemmer.Stemmer:
 def content_terms(text: str) -> list[str]:
     """Lower-cased, stemmed words of ``text`` without stop words, in order (duplicates kept)."""
     words = [w for w in _WORD.findall(text.lower().replace("\u2019", "'")) if w not in STOP_WORDS]
-    return _stemmer().stemWords(words)
+    stemmed: list[str] = _stemmer().stemWords(words)
+    return stemmed
 
 
 def normalize_words(text: str) -> list[str]:
@@ -210,7 +211,7 @@ def clean_citations(text: str, n_chunks: int) -> tuple[str, list[int], int]:
     cited: list[int] = []
     removed = 0
 
-    def keep(match: re.Match) -> str:
+    def keep(match: re.Match[str]) -> str:
         nonlocal removed
         refs = []
         for part in match.group(1).split(","):
@@ -306,13 +307,16 @@ SUPPORT_FOR_EVIDENCE = 0.5
 
 def verdict(signals: Signals, thresholds: Thresholds, unsupported: UnsupportedPolicy = "abstain") -> Decision:
     """The answer to return, from measured ``signals`` (``[n]`` is the n-th given chunk)."""
-    common = dict(signals=signals)
-    abstain = dict(answer=ABSTAIN_ANSWER, abstained=True, grounded=False, grounding_score=0.0, cited=[])
+
+    def abstain(reason: AbstainReason) -> Decision:
+        return Decision(answer=ABSTAIN_ANSWER, abstained=True, abstain_reason=reason, grounded=False,
+                        grounding_score=0.0, cited=[], signals=signals)
+
     if signals.generated is None or not signals.relevance:
-        return Decision(**abstain, abstain_reason="no_relevant_context", **common)
+        return abstain("no_relevant_context")
     if is_abstention(signals.generated):
         reason: AbstainReason = "model_abstained" if signals.generated.strip() else "empty_answer"
-        return Decision(**abstain, abstain_reason=reason, **common)
+        return abstain(reason)
 
     score_of = [s * e for s, e in zip(signals.support, signals.evidence)]
 
@@ -341,9 +345,9 @@ def verdict(signals: Signals, thresholds: Thresholds, unsupported: UnsupportedPo
     grounded = bool(cited) and confident and bool(span) and complete
     if not grounded and unsupported == "abstain":
         reason = "unsupported_answer" if complete else "incomplete_answer"
-        return Decision(**abstain, abstain_reason=reason, **common)
+        return abstain(reason)
     if not cited:  # flagged: keep what the model cited, verified or not
         text, cited = signals.text, list(signals.cited)
     score = round(max((score_of[ref - 1] for ref in cited), default=0.0), 4)
     return Decision(answer=text, abstained=False, abstain_reason=None, grounded=grounded, grounding_score=score,
-                    cited=cited, citation_repair=repair, **common)
+                    cited=cited, citation_repair=repair, signals=signals)

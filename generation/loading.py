@@ -12,12 +12,18 @@ model fails to build; so the whole dict is written here, ``rope_theta`` copied f
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from generation.grounding import Thresholds
+
+if TYPE_CHECKING:
+    from generation.generate import GenerationResult
+    from generation.prompt import PackedPrompt
 
 Quantization = Literal["none", "4bit", "8bit"]
 
@@ -108,12 +114,15 @@ class LoadedGenerator:
     adapter_name: str | None = None  # the registry label (name@version) served, None for the base model
     backend: str = "transformers"
 
-    def generate(self, packed: Any, **kwargs: Any) -> Any:
-        """The generator interface every backend offers (see generation.generate.generate_answer for kwargs):
-        ``generate(packed, max_new_tokens=, timeout_s=, abstain_margin=, on_text=, cancel=) -> GenerationResult``."""
+    def generate(self, packed: PackedPrompt, *, max_new_tokens: int, timeout_s: float | None = None,
+                 abstain_margin: float | None = None, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """The generator interface every backend offers (generation.generate.Generator; see
+        generation.generate.generate_answer for the arguments)."""
         from generation.generate import generate_answer
 
-        return generate_answer(self, packed, **kwargs)
+        return generate_answer(self, packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                               abstain_margin=abstain_margin, on_text=on_text, cancel=cancel)
 
 
 def bnb_config(quantization: Quantization, device: str) -> Any:
@@ -122,14 +131,14 @@ def bnb_config(quantization: Quantization, device: str) -> Any:
 
     if quantization == "4bit":
         compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # transformers leaves __init__ unannotated
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]  # as above
     raise ValueError(f"unknown quantization {quantization!r}; expected 'none', '4bit' or '8bit'")
 
 
@@ -161,7 +170,7 @@ def load_generator(
     if quantization != "none":
         kwargs["quantization_config"] = bnb_config(quantization, device)
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)  # or a PeftModel around it
     if quantization == "none":
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)

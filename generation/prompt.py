@@ -210,11 +210,14 @@ def _messages(user: str) -> list[dict[str, str]]:
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return text
     except Exception:  # templates without a system role (Gemma, Mistral): instructions lead the user turn
         merged = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
         merged += messages[2:]
-        return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=generation_prompt)
+        merged_text: str = tokenizer.apply_chat_template(merged, tokenize=False,
+                                                         add_generation_prompt=generation_prompt)
+        return merged_text
 
 
 def _render(tokenizer: Any, question: str, texts: Sequence[str]) -> tuple[str, list[int]]:

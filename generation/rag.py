@@ -17,10 +17,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from generation.generate import GenerationResult
+from generation.generate import GenerationResult, Generator
 from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
                                   relevance_signals, verdict)
-from generation.loading import LoadedGenerator
 from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, PackedPrompt, pack_prompt
 from ingestion.ledger import Ledger
 from retrieval.bm25 import Filters
@@ -53,7 +52,7 @@ class Citation:
 class Answer:
     answer: str
     citations: list[Citation]
-    provenance: dict
+    provenance: dict[str, Any]
     timings_ms: dict[str, float] = field(default_factory=dict)
     abstained: bool = False
     abstain_reason: str | None = None
@@ -73,7 +72,7 @@ class Grounded:
     decision: Decision  # its .signals: what was measured
 
 
-def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[ContextChunk], *,
+def grounded_generation(generator: Generator, question: str, chunks: list[ContextChunk], *,
                         max_new_tokens: int, timeout_s: float | None = None,
                         unsupported: UnsupportedPolicy = "abstain", thresholds: Thresholds | None = None,
                         abstain_margin: float | None = None, scorer: Any = None,
@@ -81,7 +80,7 @@ def grounded_generation(generator: LoadedGenerator, question: str, chunks: list[
                         cancel: threading.Event | None = None) -> Grounded:
     """Pack ``chunks``, generate when one is relevant enough, and decide what to return.
 
-    ``generator`` is any backend with the LoadedGenerator interface (``tokenizer``, ``context_window``,
+    ``generator`` is any backend (generation.generate.Generator: ``tokenizer``, ``context_window``,
     ``grounding``, ``generate``). ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py),
     or None; ``term_weights`` the live index's idf (``BM25Index.idf``) for the relevance signal.
     ``on_text`` receives the raw answer as it is generated; the decision may still withdraw it.
@@ -114,7 +113,7 @@ def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int
 
 
 def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger, generation: int,
-                    generator: LoadedGenerator, provenance: dict, top_k: int, max_new_tokens: int,
+                    generator: Generator, provenance: dict[str, Any], top_k: int, max_new_tokens: int,
                     timeout_s: float | None = None, filters: Filters | None = None,
                     alpha: float | None = None, unsupported: UnsupportedPolicy = "abstain",
                     scorer: Any = None, on_text: Callable[[str], None] | None = None,

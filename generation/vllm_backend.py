@@ -145,7 +145,7 @@ class VllmClient:
             raise VllmBadResponse(f"{self.where}: /v1/models is not a model list")
         return [m for m in data["data"] if isinstance(m, dict) and "id" in m]
 
-    def load_lora(self, name: str, path: str) -> None:
+    def load_lora(self, name: str, path: str | None) -> None:
         """Register a LoRA module (a PEFT folder the server can read at ``path``) under ``name``."""
         try:
             self.send("POST", "/v1/load_lora_adapter", body={"lora_name": name, "lora_path": path})
@@ -294,14 +294,14 @@ def abstain_preference(first: Token, abstain_id: int) -> tuple[float, int]:
     top = dict(first.top)
     top.setdefault(first.id, first.logprob)
     others = {token: value for token, value in top.items() if token != abstain_id}
-    best_other = max(others, key=others.get)
+    best_other = max(others, key=lambda token: others[token])
     own = top[abstain_id] if abstain_id in top else min(top.values())
     return own - others[best_other], best_other
 
 
 @dataclass
 class VllmGenerator:
-    """The LoadedGenerator interface (see generation.loading) over a vLLM server."""
+    """The generator interface (generation.generate.Generator, as LoadedGenerator) over a vLLM server."""
 
     client: VllmClient
     tokenizer: Any

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,7 +57,8 @@ class Embedder:
         self.batch_size = batch_size
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
-        self.model = SentenceTransformer(resolve_embedding_model(model_name), device=device)
+        # typed Any: the library's Optional attributes (max_seq_length, dimension) are always set for these models
+        self.model: Any = cast(Any, SentenceTransformer(resolve_embedding_model(model_name), device=device))
         self.tokenizer = self.model.tokenizer
         self.dimension = int(self.model.get_embedding_dimension())
         self.max_seq_length = int(self.model.max_seq_length)
@@ -66,7 +68,7 @@ class Embedder:
     @property
     def max_passage_tokens(self) -> int:
         """Longest passage (in tokenizer tokens, no special tokens) the encoder sees whole."""
-        special = self.tokenizer.num_special_tokens_to_add(pair=False)
+        special: int = self.tokenizer.num_special_tokens_to_add(pair=False)
         return self.max_seq_length - special - self.count_tokens(self.passage_prefix)
 
     def count_tokens(self, text: str) -> int:
@@ -102,7 +104,8 @@ class Embedder:
             ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
         vectors = np.stack([table[row].mean(axis=0) - mean if row else np.zeros_like(mean) for row in ids])
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        unit: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        return unit
 
     def _static_table(self) -> tuple[np.ndarray, np.ndarray]:
         if self._static is None:

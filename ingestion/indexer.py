@@ -26,6 +26,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import numpy as np
 
 from ingestion.documents import Chunk, Document
 from ingestion.ledger import GenerationRow, Ledger
@@ -42,7 +45,24 @@ ChunksEmbedded = Callable[[int], None]  # (chunks just embedded): progress withi
 DELETE_STEP = 500  # deletes per ledger transaction
 
 
-def write_chunks(ledger: Ledger, generation: int, dense: DenseIndex, embedder: object,
+class PassageEmbedder(Protocol):
+    """What a stage needs of an embedder (ingestion.embedder.Embedder is one): its vectors' dimension, and
+    passages to unit vectors."""
+
+    dimension: int
+
+    def embed_passages(self, texts: Sequence[str], *,
+                       on_batch: Callable[[int], None] | None = None) -> np.ndarray: ...
+
+
+class Chunker(Protocol):
+    """Anything that splits a document into chunks (ingestion.chunker.SemanticChunker is one); one that also
+    has ``chunk_many(documents)`` is called once per batch."""
+
+    def chunk(self, document: Document) -> list[Chunk]: ...
+
+
+def write_chunks(ledger: Ledger, generation: int, dense: DenseIndex, embedder: PassageEmbedder,
                  planned: Sequence[tuple[list[Chunk], list[str]]], *,
                  record: Callable[[sqlite3.Connection, int, int], None],
                  on_embedded: ChunksEmbedded | None = None) -> None:
@@ -91,8 +111,8 @@ class Indexer:
     generation: GenerationRow
     dense: DenseIndex
     bm25_root: Path
-    chunker: object  # ingestion.chunker.SemanticChunker (anything with .chunk(Document) -> list[Chunk])
-    embedder: object  # ingestion.embedder.Embedder
+    chunker: Chunker  # ingestion.chunker.SemanticChunker
+    embedder: PassageEmbedder  # ingestion.embedder.Embedder
     bm25_language: str = "english"
     batch_documents: int = 64
     on_bm25_rebuilt: Callable[[BM25Index], None] | None = field(default=None, repr=False)
@@ -133,6 +153,7 @@ class Indexer:
         try:
             yield
         except Exception as exc:
+            path: Path | None
             if isinstance(exc, sqlite3.Error):
                 store, path = "ledger", self.ledger.path
             elif type(exc).__module__.startswith("chromadb"):
@@ -187,7 +208,10 @@ class Indexer:
 
     def chunk(self, documents: list[Document]) -> list[list[Chunk]]:
         chunk_many = getattr(self.chunker, "chunk_many", None)  # one batched call when the chunker has it
-        return chunk_many(documents) if chunk_many else [self.chunker.chunk(d) for d in documents]
+        if chunk_many:
+            batched: list[list[Chunk]] = chunk_many(documents)
+            return batched
+        return [self.chunker.chunk(d) for d in documents]
 
     def _delete(self, document_ids: Sequence[str], *, done: int = 0,
                 checkpoint: Checkpoint | None = None) -> IngestCounts:

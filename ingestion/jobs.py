@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ingestion.documents import Document
 from ingestion.indexer import IngestCounts, Indexer
 from ingestion.ledger import JobRow, Ledger
 
-Report = Callable[[dict], None]  # receives the job's progress after every committed step
+Report = Callable[[dict[str, Any]], None]  # receives the job's progress after every committed step
 
 
 class JobInterrupted(Exception):
     """The process is stopping: the job stays 'running' and resumes at the next start."""
 
 
-def ingest_payload(documents: Sequence[Document], deletes: Sequence[str]) -> dict:
+def ingest_payload(documents: Sequence[Document], deletes: Sequence[str]) -> dict[str, Any]:
     """What an ingest job stores at acceptance (everything needed to run it, JSON only)."""
     return {
         "documents": [
@@ -38,7 +39,7 @@ def ingest_payload(documents: Sequence[Document], deletes: Sequence[str]) -> dic
     }
 
 
-def payload_work(payload: dict) -> tuple[list[Document], list[str]]:
+def payload_work(payload: dict[str, Any]) -> tuple[list[Document], list[str]]:
     """(documents to upsert, ids to delete) of a stored payload; documents deleted later are dropped."""
     deletes = list(dict.fromkeys(payload.get("deletes", [])))
     deleted = set(deletes)

@@ -227,8 +227,8 @@ class _HtmlConverter:
         self.prefix = ""  # "- " while the first text of a list item is pending
 
     def walk(self, node: object) -> None:
-        from bs4 import NavigableString, Tag
-        from bs4.element import PreformattedString
+        from bs4 import Tag
+        from bs4.element import NavigableString, PreformattedString
 
         for child in node.children:  # type: ignore[attr-defined]
             if isinstance(child, PreformattedString):  # comments, doctype, CDATA

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestion.chunker import split_sentences
-from ingestion.indexer import DELETE_STEP, Indexer, write_chunks
+from ingestion.indexer import DELETE_STEP, Chunker, Indexer, PassageEmbedder, write_chunks
 from ingestion.jobs import JobInterrupted, Report
 from ingestion.ledger import DocumentRow, GenerationRow, JobRow, Ledger
 from ingestion.storage_errors import is_disk_full
@@ -57,7 +57,7 @@ class RefreshFailed(RuntimeError):
 class RefreshConfig:
     collection_prefix: str
     embedding_model: str
-    chunker_config: dict
+    chunker_config: dict[str, Any]
     bm25_language: str = "english"
     batch_documents: int = 64
     min_chunk_ratio: float = 0.8
@@ -73,13 +73,13 @@ class RefreshContext:
     """What a refresh needs from the composition root."""
 
     ledger: Ledger
-    chroma: Any
-    embedder: Any
-    chunker: Any
+    chroma: Any  # a chromadb client
+    embedder: PassageEmbedder  # ingestion.embedder.Embedder
+    chunker: Chunker  # ingestion.chunker.SemanticChunker
     bm25_root: Callable[[GenerationRow], Path]
     make_retriever: Callable[[DenseIndex, BM25Index], Any]  # -> retrieval.hybrid.HybridRetriever
     on_switch: Callable[[GenerationRow, DenseIndex, BM25Index], None] = lambda *_: None
-    switch_lock: AbstractContextManager = field(default_factory=nullcontext)
+    switch_lock: AbstractContextManager[object] = field(default_factory=nullcontext)
     chroma_path: Path | None = None  # embedded Chroma: where dropped collections' files are reclaimed
     should_stop: Callable[[], bool] = lambda: False
     report: Report | None = None
@@ -116,7 +116,7 @@ class GenerationBuilder:
                 after_step()
         return changed
 
-    def _build(self, rows: Sequence[DocumentRow], on_step) -> int:
+    def _build(self, rows: Sequence[DocumentRow], on_step: Step | None) -> int:
         gen = self.generation.generation
         chunked = self.indexer.chunk([row.document for row in rows])
         planned = [(chunks, self.ledger.document_chunk_ids(gen, row.document.document_id))
@@ -131,7 +131,7 @@ class GenerationBuilder:
                      on_embedded=self.indexer.on_embedded)
         return len(rows)
 
-    def _unbuild(self, document_ids: Sequence[str], on_step) -> int:
+    def _unbuild(self, document_ids: Sequence[str], on_step: Step | None) -> int:
         gen = self.generation.generation
         removed: list[str] = []
         with self.ledger.transaction() as db:
@@ -237,7 +237,7 @@ def golden_recall(queries: Sequence[GoldenQuery], retriever: Any, ledger: Ledger
 
 
 def validate(ctx: RefreshContext, config: RefreshConfig, generation: GenerationRow, dense: DenseIndex,
-             bm25: BM25Index) -> dict:
+             bm25: BM25Index) -> dict[str, Any]:
     """The validation report; raises RefreshFailed with the reason when the generation must not go live."""
     ledger = ctx.ledger
     report: dict[str, Any] = check_integrity(ledger, generation.generation, dense, bm25)
@@ -260,7 +260,7 @@ def validate(ctx: RefreshContext, config: RefreshConfig, generation: GenerationR
 # --- the jobs ----------------------------------------------------------------------------------
 
 
-def run_refresh_job(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict:
+def run_refresh_job(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict[str, Any]:
     """Run (or resume) a refresh or rollback job; returns its result. On failure the live generation
     is untouched and a generation this job was building is marked failed and dropped."""
     try:
@@ -280,7 +280,7 @@ def run_refresh_job(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> 
         raise
 
 
-def _refresh(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict:
+def _refresh(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict[str, Any]:
     ledger = ctx.ledger
     progress = dict(job.progress)
     generation = ledger.generation(progress["generation"]) if "generation" in progress else None
@@ -304,7 +304,7 @@ def _refresh(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict:
     return _after_switch(ctx, job, progress)
 
 
-def _rollback(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict:
+def _rollback(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict[str, Any]:
     ledger = ctx.ledger
     progress = dict(job.progress)
     if "generation" not in progress:
@@ -341,7 +341,7 @@ def _builder(ctx: RefreshContext, config: RefreshConfig, generation: GenerationR
     return GenerationBuilder(ctx.ledger, generation, dense, indexer, batch_documents=config.batch_documents)
 
 
-def _build(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progress: dict) -> BM25Index:
+def _build(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progress: dict[str, Any]) -> BM25Index:
     """Phase 'building': every pending document, one checkpointed step per batch; then BM25."""
     progress.setdefault("done", 0)
     progress.setdefault("chunks_written", 0)
@@ -369,7 +369,8 @@ def _build(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progres
     return builder.indexer.rebuild_bm25()
 
 
-def _switch(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progress: dict, bm25: BM25Index) -> None:
+def _switch(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progress: dict[str, Any],
+            bm25: BM25Index) -> None:
     """Phase 'switching': under the write lock, the last changes, then one pointer in the ledger."""
     _report(ctx, job, progress, phase="switching")
     with ctx.switch_lock:
@@ -384,14 +385,14 @@ def _switch(ctx: RefreshContext, builder: GenerationBuilder, job: JobRow, progre
     log.info("generation %s is live (was %s)", live.generation, previous)
 
 
-def _after_switch(ctx: RefreshContext, job: JobRow, progress: dict) -> dict:
+def _after_switch(ctx: RefreshContext, job: JobRow, progress: dict[str, Any]) -> dict[str, Any]:
     progress.setdefault("dropped_generations", [])
     progress["dropped_generations"] += drop_retired_generations(ctx)
     _report(ctx, job, progress, phase="done")
     return progress
 
 
-def _report(ctx: RefreshContext, job: JobRow, progress: dict, *, phase: str) -> None:
+def _report(ctx: RefreshContext, job: JobRow, progress: dict[str, Any], *, phase: str) -> None:
     progress["phase"] = phase
     ctx.ledger.set_job_progress(job.job_id, progress)
     if ctx.report:

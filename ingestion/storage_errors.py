@@ -35,11 +35,12 @@ class StorageFull(RuntimeError):
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "?"
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
 
 
 def free_space(path: Path) -> tuple[int | None, str]:

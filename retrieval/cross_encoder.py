@@ -15,7 +15,7 @@ import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -63,4 +63,4 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     path = folder / METADATA
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {METADATA}; not a trained cross-encoder folder")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -113,7 +113,7 @@ def reclaim_disk(path: Path) -> list[str]:
     return removed
 
 
-def chroma_where(filters: Filters | None) -> dict | None:
+def chroma_where(filters: Filters | None) -> dict[str, Any] | None:
     """Equality filters (a list means any of) as a Chroma `where` clause."""
     if not filters:
         return None
@@ -149,7 +149,7 @@ class DenseIndex:
 
     def count(self) -> int:
         with server_errors(self._client):
-            return self.collection.count()
+            return cast(int, self.collection.count())
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[Mapping[str, Any]],
                batch_size: int = 2000) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -56,8 +57,16 @@ class QueryVectorCache:
                 self._vectors.popitem(last=False)
 
 
+class QueryEmbedder(Protocol):
+    """What retrieval needs of an embedder (ingestion.embedder.Embedder is one): questions to unit vectors."""
+
+    dimension: int
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
 class HybridRetriever:
-    def __init__(self, *, embedder, dense: DenseIndex, bm25: BM25Index, fusion: FusionMethod = "convex",
+    def __init__(self, *, embedder: QueryEmbedder, dense: DenseIndex, bm25: BM25Index, fusion: FusionMethod = "convex",
                  alpha: float = 0.5, rrf_k: int = 60, candidates: int = 50,
                  query_cache: QueryVectorCache | None = None) -> None:
         if fusion not in ("convex", "rrf"):
@@ -82,7 +91,7 @@ class HybridRetriever:
         cached = self.query_cache.get(question) if self.query_cache is not None else None
         if cached is not None:
             return cached
-        vector = self.embedder.embed_queries([question])[0]
+        vector: np.ndarray = self.embedder.embed_queries([question])[0]
         if self.query_cache is not None:
             self.query_cache.put(question, vector)
         return vector

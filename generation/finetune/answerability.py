@@ -150,7 +150,8 @@ def train_reranker(config: RerankerConfig, *, open_index: OpenCorpusIndex, root:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_steps = max(1, int(len(train_pairs) * config.epochs / config.batch_size))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    schedule = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]  # unannotated in transformers
+        optimizer, int(config.warmup_ratio * total_steps), total_steps)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def encode(batch: list[Pair]) -> Any:
@@ -196,7 +197,7 @@ def train_reranker(config: RerankerConfig, *, open_index: OpenCorpusIndex, root:
                 history.append({"step": step, "val_auc": auc, "val_loss": val_loss})
                 if auc > best_auc:
                     best_auc = auc
-                    model.save_pretrained(best_dir)
+                    model.save_pretrained(str(best_dir))
             if out_of_time:
                 stopped_by_time = True
                 break

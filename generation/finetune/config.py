@@ -5,9 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 Method = Literal["lora", "qlora", "lora-8bit"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,7 +88,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def read_yaml_config(cls: type, path: Path, overrides: dict[str, Any] | None = None) -> Any:
+def read_yaml_config(cls: type[ConfigT], path: Path, overrides: dict[str, Any] | None = None) -> ConfigT:
     """A flat dataclass config from a YAML mapping plus ``overrides``; unknown keys are an error naming the file."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):

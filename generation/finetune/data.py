@@ -26,7 +26,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,7 @@ def load_articles(paths: Sequence[Path]) -> list[Article]:
     return list(articles.values())
 
 
-def _read_squad(path: Path):
+def _read_squad(path: Path) -> Iterator[tuple[str, str, QA]]:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "data" not in data:
         raise ValueError(f"{path}: not SQuAD JSON (no top-level 'data')")
@@ -121,7 +121,7 @@ def _read_squad(path: Path):
                                                     () if impossible else answers, impossible)
 
 
-def _read_jsonl(path: Path):
+def _read_jsonl(path: Path) -> Iterator[tuple[str, str, QA]]:
     """Lines of {question, answer, context} (+ optional title, id); an empty or null answer is unanswerable."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -379,5 +379,5 @@ def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root:
 
 
 def _is_abstain_branch(tokenizer: Any, branch: dict[str, list[int]]) -> bool:
-    answer = tokenizer.decode([t for t in branch["labels"] if t != -100], skip_special_tokens=True)
+    answer: str = tokenizer.decode([t for t in branch["labels"] if t != -100], skip_special_tokens=True)
     return answer.strip() == ABSTAIN_ANSWER

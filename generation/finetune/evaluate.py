@@ -32,7 +32,8 @@ from typing import Any
 from tqdm import tqdm
 
 from generation.finetune.data import QA, Article, Paragraph, gold_chunk, load_articles
-from generation.grounding import Signals, Thresholds, has_relevant_context, strip_citations, verdict
+from generation.grounding import (Signals, Thresholds, UnsupportedPolicy, has_relevant_context, strip_citations,
+                                  verdict)
 from generation.prompt import ABSTAIN_ANSWER, CITATION_RE, ContextChunk
 
 # --- the official SQuAD v1.1 metric ------------------------------------------------------------------
@@ -176,7 +177,7 @@ def retrieval_contexts(retrieve: Callable[[str, int], list[ContextChunk]], top_k
 
 def evaluate_items(generator: Any, items: Sequence[Item], contexts: Contexts, *, max_new_tokens: int,
                    timeout_s: float | None, desc: str = "generate", abstain_margin: float | None = None,
-                   thresholds: Thresholds | None = None, unsupported: str = "abstain",
+                   thresholds: Thresholds | None = None, unsupported: UnsupportedPolicy = "abstain",
                    in_corpus: Callable[[Item], bool] = lambda item: True, scorer: Any = None,
                    term_weights: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answer every item through the serving path (retrieve, gate, generate, verify) and score it.
@@ -194,7 +195,7 @@ def evaluate_items(generator: Any, items: Sequence[Item], contexts: Contexts, *,
             out = grounded_generation(generator, item.qa.question, contexts(item), max_new_tokens=max_new_tokens,
                                       timeout_s=timeout_s, unsupported=unsupported, thresholds=thresholds,
                                       abstain_margin=abstain_margin, scorer=scorer, term_weights=term_weights)
-            record = {"in_corpus": in_corpus(item), "prompt_tokens": out.packed.n_tokens,
+            record: dict[str, Any] = {"in_corpus": in_corpus(item), "prompt_tokens": out.packed.n_tokens,
                       "chunks": len(out.packed.chunks), "context": [c.text for c in out.packed.chunks],
                       "gold_in_context": _holds_answer([c.text for c in out.packed.chunks], item.qa),
                       "seconds": round(out.result.elapsed_s, 2) if out.result else 0.0,
@@ -234,7 +235,7 @@ def _refs(text: str) -> list[int]:
 
 
 def rescore(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds: Thresholds, margin: float,
-            unsupported: str = "abstain") -> list[dict[str, Any]]:
+            unsupported: UnsupportedPolicy = "abstain") -> list[dict[str, Any]]:
     """The records as the service would have answered with ``thresholds`` and abstention ``margin``.
 
     Exact for records of a run that gated nothing and never abstained (``NEVER_ABSTAIN``, open
@@ -249,7 +250,7 @@ def rescore(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds
             signals = replace(signals, generated=None)
         elif signals.abstain_preference is not None and signals.abstain_preference > margin:
             signals = replace(signals, generated=ABSTAIN_ANSWER)
-        decision = verdict(signals, thresholds, unsupported)  # type: ignore[arg-type]
+        decision = verdict(signals, thresholds, unsupported)
         fields = decision_record(decision, by_id[record["id"]].qa, record["context"], record["chunks"])
         out.append({**record, **fields})
     return out

@@ -110,7 +110,8 @@ def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = batch["labels"][:, 1:] != -100
     logits = lm.lm_head(hidden[:, :-1][keep]).float()
     model.train(was_training)
-    return logits.cpu()
+    scores: torch.Tensor = logits.cpu()
+    return scores
 
 
 def build_metadata(config: TrainConfig, result: TrainResult, data_info: dict[str, Any], files: list[Path],

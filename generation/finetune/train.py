@@ -15,24 +15,27 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from generation.finetune.config import TrainConfig
 from generation.finetune.data import Row
 
+if TYPE_CHECKING:
+    from generation.loading import Quantization
+
 log = logging.getLogger(__name__)
 
-QUANTIZATION = {"lora": "none", "qlora": "4bit", "lora-8bit": "8bit"}
+QUANTIZATION: dict[str, Quantization] = {"lora": "none", "qlora": "4bit", "lora-8bit": "8bit"}
 
 
 # --- batches -------------------------------------------------------------------------------------
 
 
-class RowDataset(torch.utils.data.Dataset):
+class RowDataset(torch.utils.data.Dataset[Row]):
     def __init__(self, rows: list[Row]) -> None:
         self.rows = rows
 
@@ -136,23 +139,29 @@ class AnswerOnlyTrainer(Trainer):
         self.train_tokens = 0  # real (unpadded) row tokens seen in training
         self.train_examples = 0  # questions (branches) seen in training
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
+    def create_scheduler(self, num_training_steps: int,
+                         optimizer: torch.optim.Optimizer | None = None) -> torch.optim.lr_scheduler.LRScheduler:
         if self.args.lr_scheduler_type != "constant" or self.time_budget_s is None:
             return super().create_scheduler(num_training_steps, optimizer)
-        warmup = self.args.get_warmup_steps(num_training_steps)
+        budget_s = self.time_budget_s
+        warmup: int = self.args.get_warmup_steps(num_training_steps)
         started = time.perf_counter()
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            progress = max(step / max(num_training_steps, 1), (time.perf_counter() - started) / self.time_budget_s)
+            progress = max(step / max(num_training_steps, 1), (time.perf_counter() - started) / budget_s)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        optimizer = optimizer or self.optimizer
+        assert optimizer is not None, "the optimizer is created before the scheduler"
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.lr_scheduler = scheduler
         self._created_lr_scheduler = True
-        return self.lr_scheduler
+        return scheduler
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         loss, correct, branches = answer_loss(model, inputs)
         count = num_items_in_batch if num_items_in_batch is not None else max(int(correct.numel()), 1)
         loss = loss / count
@@ -193,10 +202,12 @@ class BudgetAndThroughput(TrainerCallback):
         self.started = time.perf_counter()
         self.stopped_early = False
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
         self.started = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
         if self.budget_s is not None and time.perf_counter() - self.started > self.budget_s:
             log.warning("time budget of %.0f min spent at step %d of %d: stopping", self.budget_s / 60,
                         state.global_step, state.max_steps)
@@ -207,8 +218,10 @@ class BudgetAndThroughput(TrainerCallback):
             control.should_save = args.save_strategy != "no"
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs is not None and "loss" in logs:
+            assert self.trainer is not None, "set once the trainer exists, before training"
             elapsed = time.perf_counter() - self.started
             logs["row_tokens_per_s"] = round(self.trainer.train_tokens / max(elapsed, 1e-9), 1)
             logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -233,7 +246,8 @@ def load_trainable(config: TrainConfig, model_path: str, device: str) -> tuple[A
                             device=device)
     model = loaded.model
     if quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]  # unannotated in peft
+            model, use_gradient_checkpointing=config.gradient_checkpointing)
     n_layers = model.config.num_hidden_layers
     layers = None if not config.lora_layers else list(range(max(n_layers - config.lora_layers, 0), n_layers))
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -287,7 +301,8 @@ def training_arguments(config: TrainConfig, run_dir: Path, n_rows: int) -> Train
         eval_strategy="steps" if evaluate else "no",
         eval_steps=config.eval_steps if evaluate else None,
         save_strategy="steps" if evaluate and config.save_best else "no",
-        save_steps=config.eval_steps if evaluate else None,
+        # None (with save_strategy "no") is accepted at run time; transformers annotates the field as float
+        save_steps=config.eval_steps if evaluate else None,  # type: ignore[arg-type]
         save_total_limit=2,
         load_best_model_at_end=evaluate and config.save_best,
         metric_for_best_model="eval_loss",
@@ -346,7 +361,7 @@ def run_training(config: TrainConfig, model_path: str, rows: dict[str, list[Row]
     started = time.perf_counter()
     output = trainer.train()
     elapsed = time.perf_counter() - started
-    metrics = dict(output.metrics)
+    metrics: dict[str, Any] = dict(output.metrics)
     if trainer.eval_dataset is not None:
         final = trainer.evaluate()  # the kept (best) weights
         metrics.update({f"final_{k}": v for k, v in final.items() if k.startswith("eval_")})
@@ -366,7 +381,8 @@ def run_training(config: TrainConfig, model_path: str, rows: dict[str, list[Row]
     adapter_dir = run_dir / "adapter"
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    trainer.model.save_pretrained(str(adapter_dir))
+    trained: Any = trainer.model  # the peft model (typed by transformers as an optional torch Module)
+    trained.save_pretrained(str(adapter_dir))
     (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     return TrainResult(adapter_dir, metrics, list(trainer.state.log_history), trainable, total, loaded,
                        trainer.model)

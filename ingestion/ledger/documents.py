@@ -6,6 +6,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from ingestion.documents import Chunk, Document, utc_now_iso
 
@@ -18,7 +19,14 @@ class DocumentRow:
     state: str
 
 
-class DocumentsMixin:
+# for the type checker the mixin extends Store (whose methods it uses); at run time Ledger mixes them
+if TYPE_CHECKING:
+    from ingestion.ledger.store import Store as _Base
+else:
+    _Base = object
+
+
+class DocumentsMixin(_Base):
     """Documents and chunks; mixed into Ledger (uses Store's ``transaction`` and ``_query``)."""
 
     def get_document(self, document_id: str) -> DocumentRow | None:
@@ -46,7 +54,7 @@ class DocumentsMixin:
         return document_row(rows[0]).document if rows else None
 
     def count_documents(self, state: str = "live") -> int:
-        return self._query("SELECT COUNT(*) AS n FROM documents WHERE state = ?", (state,))[0]["n"]
+        return cast(int, self._query("SELECT COUNT(*) AS n FROM documents WHERE state = ?", (state,))[0]["n"])
 
     def upsert_document(self, db: sqlite3.Connection, document: Document) -> int:
         """Store the document as live, bumping its version; returns the new version."""
@@ -95,7 +103,7 @@ class DocumentsMixin:
         return {r["chunk_id"] for r in self._query("SELECT chunk_id FROM chunks WHERE generation = ?", (generation,))}
 
     def count_chunks(self, generation: int) -> int:
-        return self._query("SELECT COUNT(*) AS n FROM chunks WHERE generation = ?", (generation,))[0]["n"]
+        return cast(int, self._query("SELECT COUNT(*) AS n FROM chunks WHERE generation = ?", (generation,))[0]["n"])
 
     def get_chunks(self, generation: int, chunk_ids: Sequence[str]) -> dict[str, Chunk]:
         """Chunks by id (ids missing from the generation are simply absent from the result)."""

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from ingestion.documents import utc_now_iso
 from ingestion.ledger.documents import DocumentRow, document_row
@@ -17,12 +18,19 @@ class GenerationRow:
     collection: str
     embedding_model: str
     dimension: int
-    config: dict
+    config: dict[str, Any]
     state: str
     created_at: str
 
 
-class GenerationsMixin:
+# for the type checker the mixin extends JobsMixin (whose methods it uses); at run time Ledger mixes them
+if TYPE_CHECKING:
+    from ingestion.ledger.jobs import JobsMixin as _Base
+else:
+    _Base = object
+
+
+class GenerationsMixin(_Base):
     """Generations and the meta table; mixed into Ledger (uses Store's ``transaction`` and ``_query``)."""
 
     def get_meta(self, key: str) -> str | None:
@@ -44,7 +52,7 @@ class GenerationsMixin:
     def generations(self) -> list[GenerationRow]:
         return [_generation_row(r) for r in self._query("SELECT * FROM generations ORDER BY generation")]
 
-    def create_generation(self, collection_prefix: str, embedding_model: str, dimension: int, config: dict,
+    def create_generation(self, collection_prefix: str, embedding_model: str, dimension: int, config: dict[str, Any],
                           *, job_id: str | None = None) -> GenerationRow:
         """A new 'building' generation; with `job_id`, recorded in that job's progress in the same transaction."""
         with self.transaction() as db:
@@ -114,7 +122,7 @@ class GenerationsMixin:
                WHERE d.state = 'live' AND (g.version IS NULL OR g.version != d.version)""",
             (generation,),
         )
-        return rows[0]["n"]
+        return cast(int, rows[0]["n"])
 
     def documents_to_unbuild(self, generation: int, limit: int) -> list[str]:
         """Documents the generation holds that are no longer live, in id order."""
@@ -128,7 +136,8 @@ class GenerationsMixin:
         return [r["document_id"] for r in rows]
 
     def count_built(self, generation: int) -> int:
-        return self._query("SELECT COUNT(*) AS n FROM generation_documents WHERE generation = ?", (generation,))[0]["n"]
+        return cast(int, self._query("SELECT COUNT(*) AS n FROM generation_documents WHERE generation = ?",
+                                     (generation,))[0]["n"])
 
     def record_built(self, db: sqlite3.Connection, generation: int, versions: Iterable[tuple[str, int]]) -> None:
         db.executemany("INSERT OR REPLACE INTO generation_documents VALUES (?, ?, ?)",

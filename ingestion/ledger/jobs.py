@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ingestion.documents import utc_now_iso
 
@@ -17,9 +18,9 @@ class JobRow:
     job_id: str
     kind: str
     status: str
-    payload: dict
-    progress: dict
-    counts: dict
+    payload: dict[str, Any]
+    progress: dict[str, Any]
+    counts: dict[str, Any]
     error: str | None
     created_at: str
     started_at: str | None
@@ -32,11 +33,19 @@ JOB_STATUS_COLUMNS = ("job_id", "kind", "status", "progress_json", "counts_json"
 IdempotencyClaim = tuple[str, str, float]
 
 
-class JobsMixin:
+# for the type checker the mixin extends Store (whose methods it uses); at run time Ledger mixes them
+if TYPE_CHECKING:
+    from ingestion.ledger.store import Store as _Base
+else:
+    _Base = object
+
+
+class JobsMixin(_Base):
     """Jobs and idempotency claims; mixed into Ledger (uses Store's ``transaction`` and ``_query``)."""
 
-    def accept_job(self, kind: str, payload: dict, *, claims: Sequence[IdempotencyClaim] = (),
-                   respond: Callable[[str], dict], unless_active: Sequence[str] = ()) -> tuple[str, dict]:
+    def accept_job(self, kind: str, payload: dict[str, Any], *, claims: Sequence[IdempotencyClaim] = (),
+                   respond: Callable[[str], dict[str, Any]],
+                   unless_active: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
         """Queue a job and record its claims in one transaction; returns (outcome, response).
 
         A claim still valid with the same body hash: ("replayed", the stored response), nothing written;
@@ -94,8 +103,8 @@ class JobsMixin:
         assert job is not None
         return job
 
-    def save_job_progress(self, db: sqlite3.Connection, job_id: str, progress: dict,
-                          counts: dict | None = None) -> None:
+    def save_job_progress(self, db: sqlite3.Connection, job_id: str, progress: dict[str, Any],
+                          counts: dict[str, Any] | None = None) -> None:
         """Inside the caller's transaction, so progress commits with the changes it describes."""
         if counts is None:
             db.execute("UPDATE jobs SET progress_json = ? WHERE job_id = ?", (json.dumps(progress), job_id))
@@ -103,7 +112,7 @@ class JobsMixin:
             db.execute("UPDATE jobs SET progress_json = ?, counts_json = ? WHERE job_id = ?",
                        (json.dumps(progress), json.dumps(counts), job_id))
 
-    def set_job_progress(self, job_id: str, progress: dict, counts: dict | None = None) -> None:
+    def set_job_progress(self, job_id: str, progress: dict[str, Any], counts: dict[str, Any] | None = None) -> None:
         with self.transaction() as db:
             self.save_job_progress(db, job_id, progress, counts)
 
