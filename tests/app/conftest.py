@@ -7,7 +7,6 @@ word (so a query for the marker must find exactly that document), signed webhook
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from app.settings import Settings
 from app.signature import sign
 from ingestion.documents import Document
 from ingestion.loaders import load_documents
+from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CACHE = REPO / ".cache" / "models"  # converted bundled models, reused across test runs
 SECRET = "s" * 32
 WORDS = ("amber basalt cedar delta ember fjord glacier harbor iris juniper kestrel lagoon meadow nectar orchid "
          "prairie quartz raven sierra tundra umber valley willow yarrow zephyr").split()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ChromaServer:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,14 +17,9 @@ import httpx
 import pytest
 
 from tests.app.conftest import MODEL_CACHE, SECRET, marker, signed_headers, synthetic_documents, webhook_body
+from tests.net import free_port
 
 RAG = Path(sys.executable).with_name("rag")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(env: dict, log: Path) -> subprocess.Popen:

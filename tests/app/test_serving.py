@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -28,16 +27,11 @@ from app.gate import GenerationGate
 from app.main import create_app
 from generation.adapters import AdapterRegistry
 from tests.app.conftest import SECRET, signed_headers
+from tests.net import free_port
 
 pytestmark = pytest.mark.slow
 
 VACATION = "How many vacation days do employees get?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

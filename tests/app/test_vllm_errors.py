@@ -19,7 +19,8 @@ from generation.prompt import ContextChunk, pack_prompt
 from generation.vllm_backend import (VllmBadResponse, VllmTimeout, VllmUnavailable, abstain_preference,
                                      connect_vllm, Token)
 from tests.app.conftest import MODEL_CACHE
-from tests.app.vllm_server import free_port, services_on
+from tests.app.vllm_server import services_on
+from tests.net import free_port
 
 VACATION = "How many vacation days do full-time employees get?"
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -25,12 +25,6 @@ MISSING = f"vLLM is not installed in {VLLM_PYTHON.parent.parent} (run `make vllm
 
 def vllm_installed() -> bool:
     return (VLLM_PYTHON.parent.parent / ".installed").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class VllmServer:
