@@ -1,12 +1,12 @@
-"""Request dependencies: the shared Services object and API-key checks, as Annotated aliases."""
+"""Request dependencies: the shared Services object and the caller's identity, as Annotated aliases."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from app.access import LOCAL_OPERATOR, Caller, KeyRing
 from app.container import Services
 from app.settings import Settings
 
@@ -29,31 +29,38 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _key_matches(token: str | None, keys: list[str]) -> bool:
-    # Compare against every key in constant time, so timing reveals neither a match nor its position.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest((token or "").encode(), key.encode())
-    return matched and token is not None
+def identify(request: Request) -> Caller | None:
+    """The caller of this request (stored on ``request.state.caller``), or None for a missing or unknown key.
+
+    Without any configured key every request is the local operator (the server then binds loopback only).
+    """
+    keyring: KeyRing = request.app.state.keyring
+    caller = keyring.identify(_bearer(request)) if keyring.configured else LOCAL_OPERATOR
+    if caller is not None:
+        request.state.caller = caller
+    return caller
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With RAG_API_KEYS set, a valid `Authorization: Bearer <key>` is required (admin keys pass too)."""
-    keys = settings.api_keys + settings.admin_api_keys
-    if keys and not _key_matches(_bearer(request), keys):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer <key>)",
-                            headers={"WWW-Authenticate": "Bearer"})
+def require_scope(scope: str):
+    """A dependency: a valid `Authorization: Bearer <key>` whose key holds `scope`; returns the Caller."""
+
+    def check(request: Request) -> Caller:
+        caller = identify(request)
+        if caller is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not caller.has(scope):
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"key {caller.name!r} lacks the {scope!r} scope (it has: {', '.join(sorted(caller.scopes))})")
+        return caller
+
+    check.__name__ = f"require_{scope.replace('-', '_')}_scope"
+    return check
 
 
-def require_admin_key(request: Request, settings: SettingsDep) -> None:
-    """Admin endpoints need a key from RAG_ADMIN_API_KEYS (or RAG_API_KEYS when no admin keys are set)."""
-    keys = settings.admin_api_keys or settings.api_keys
-    if not keys:
-        return  # loopback-only deployment (the server refuses other addresses without keys)
-    if not _key_matches(_bearer(request), keys):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid admin API key",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
-ApiKey = Depends(require_api_key)
-AdminKey = Depends(require_admin_key)
+QueryCaller = Annotated[Caller, Depends(require_scope("query"))]
+IngestStatusCaller = Annotated[Caller, Depends(require_scope("ingest-status"))]
+AdminCaller = Annotated[Caller, Depends(require_scope("admin"))]
+ApiKey = Depends(require_scope("query"))
+IngestStatusKey = Depends(require_scope("ingest-status"))
+AdminKey = Depends(require_scope("admin"))

@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app.access import KeyRing
 from app.body_limit import BodySizeLimit
 from app.container import Services, build_services
 from app.errors import install_error_handlers
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.keyring = KeyRing(settings.api_keys, settings.admin_api_keys, settings.keys_file)
     install_error_handlers(app)
     app.include_router(query.router)
     app.include_router(health.router)

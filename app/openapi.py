@@ -24,6 +24,7 @@ class ValidationErrorBody(ErrorBody):
 _MEANING = {
     400: "Malformed JSON (syntax, duplicate keys, NaN, nesting deeper than 64) or a bad header.",
     401: "Missing or invalid API key (or webhook signature, on /ingest).",
+    403: "The key is valid but lacks the scope this route needs (query, ingest-status or admin).",
     404: "The named adapter, job or resource does not exist.",
     409: "Conflict: an adapter that does not match or does not load, a reused Idempotency-Key, a running refresh.",
     413: "The body (or a document in it) is over its size limit.",

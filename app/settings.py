@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: CommaList = Field(default_factory=list)
     admin_api_keys: CommaList = Field(default_factory=list)
+    keys_file: Path | None = Field(None, description="Keys with names, scopes, groups and rate limits (YAML or "
+                                   "JSON, sha256 of each key; app/access.py). Re-read when it changes.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Body limit for /query (413 beyond it).")
     max_question_chars: int = Field(2000, ge=1)
 
@@ -206,6 +208,11 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @field_validator("keys_file", mode="before")
+    @classmethod
+    def _empty_keys_file(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("adapter", mode="before")
     @classmethod
@@ -262,6 +269,11 @@ class Settings(BaseSettings):
     def tuned_fields(self) -> dict[str, object]:
         """The settings taken from the tuning file (empty when none applied)."""
         return dict(self._tuned)
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether requests must present a key (else the service is loopback-only, every caller the operator)."""
+        return bool(self.api_keys or self.admin_api_keys or self.keys_file)
 
     # --- derived paths -------------------------------------------------------------------------
     @property

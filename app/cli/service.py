@@ -170,10 +170,17 @@ def serve(
     from app.main import create_app
 
     settings = load_settings(host=host, port=port)
-    if not settings.api_keys and not is_loopback(settings.host):
-        fail(f"refusing to bind {settings.host} without API keys: set RAG_API_KEYS, or bind a loopback address")
+    if not settings.has_keys and not is_loopback(settings.host):
+        fail(f"refusing to bind {settings.host} without API keys: set RAG_API_KEYS or RAG_KEYS_FILE, or bind a "
+             "loopback address")
     preflight(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    from app.access import KeysFileError
+
+    try:
+        app = create_app(settings)
+    except KeysFileError as exc:
+        fail(str(exc))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
 def preflight(settings: Settings) -> None:

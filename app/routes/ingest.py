@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.deps import ApiKey, ServicesDep, SettingsDep
+from app.deps import IngestStatusKey, ServicesDep, SettingsDep
 from app.ingest_payload import PayloadError, parse_ingest_body
 from app.openapi import error_responses
 from app.schemas import JobStatus
@@ -72,8 +72,8 @@ async def ingest(request: Request, services: ServicesDep, settings: SettingsDep)
     return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response, headers=headers)
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[ApiKey],
-            responses=error_responses(401, 404, 422))
+@router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[IngestStatusKey],
+            responses=error_responses(401, 403, 404, 422))
 def job_status(job_id: str, services: ServicesDep) -> JobStatus:
     job = services.ledger.get_job(job_id)
     if job is None:

@@ -28,7 +28,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from app.deps import ApiKey, ServicesDep, SettingsDep
+from app.deps import QueryCaller, ServicesDep, SettingsDep
 from app.gate import Busy
 from app.json_body import StrictJSONRoute
 from app.openapi import error_responses
@@ -65,11 +65,12 @@ def _answer_error(exc: Exception) -> HTTPException | None:
     return None
 
 
-@router.post("/query", response_model=QueryResponse, dependencies=[ApiKey],
-             responses={**error_responses(400, 401, 404, 409, 413, 422, 502, 503, 504),
+@router.post("/query", response_model=QueryResponse,
+             responses={**error_responses(400, 401, 403, 404, 409, 413, 422, 502, 503, 504),
                         200: {"content": {"text/event-stream": {"description": "With \"stream\": true: delta "
                                                                                "events, then one answer event."}}}})
-async def query(body: QueryRequest, request: Request, services: ServicesDep, settings: SettingsDep) -> Any:
+async def query(body: QueryRequest, request: Request, caller: QueryCaller, services: ServicesDep,
+                settings: SettingsDep) -> Any:
     if len(body.question) > settings.max_question_chars:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"question: longer than {settings.max_question_chars} characters ({len(body.question)})")

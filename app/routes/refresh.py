@@ -27,11 +27,11 @@ async def _submit(services: Services, kind: str) -> JSONResponse:
                         headers={"Location": response["status_url"]})
 
 
-@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 409))
+@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409))
 async def refresh(services: ServicesDep) -> JSONResponse:
     return await _submit(services, "refresh")
 
 
-@router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 409))
+@router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409))
 async def rollback(services: ServicesDep) -> JSONResponse:
     return await _submit(services, "rollback")
