@@ -162,6 +162,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Body limit for /query (413 beyond it).")
     max_question_chars: int = Field(2000, ge=1)
 
+    # --- rate limits and public routes (issue 13) --------------------------------------------
+
+    # --- metrics, tracing and logs (issue 13) -------------------------------------------------
+
+    # --- audit trail (issue 13) ---------------------------------------------------------------
+
+    # --- document access control (issue 13) ---------------------------------------------------
+
     # --- webhook ingestion + refresh -----------------------------------------------------------
     webhook_secret: CommaList = Field(default_factory=list, description="One or more HMAC secrets (rotation).")
     webhook_tolerance_s: int = Field(300, ge=1)
