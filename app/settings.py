@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     dense_min: float | None = Field(
         None, ge=-1.0, le=2.0, description="Cosine similarity that lets a chunk through without relevance_min "
                                            "(2: never); unset: the adapter's calibrated value.")
+    gate_weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="Weight of relevance in the blended gate (w * relevance + (1 - w) * "
+                                          "cosine >= RAG_GATE_MIN); unset: the adapter's calibrated gate.")
+    gate_min: float | None = Field(
+        None, ge=-1.0, le=2.0, description="What the blended gate score must reach; unset: the adapter's "
+                                           "calibrated value.")
     answerability_min: float | None = Field(
         None, ge=0.0, le=1.0, description="Cross-encoder probability the best chunk must reach before the "
                                           "generator runs; unset: the adapter's calibrated value.")

@@ -60,6 +60,8 @@ class Thresholds:
 
     relevance_min: float = 0.0  # share of the question's (idf-weighted) terms a chunk must hold to pass the gate
     dense_min: float = 2.0  # cosine similarity that lets a chunk through without relevance_min (2: never)
+    gate_weight: float | None = None  # set: the blended gate replaces relevance_min / dense_min (module doc)
+    gate_min: float = 0.0  # what the blend of relevance and cosine similarity must reach, with gate_weight
     answerability_min: float = 0.0  # best chunk's cross-encoder probability of answering, below which likewise
     evidence_min: float = 0.0  # question terms around the answer in the cited chunk
     support_min: float = 0.5  # answer words found in the cited chunk
@@ -271,14 +273,25 @@ def relevance_signals(question: str, chunks: Sequence[ContextChunk], scorer: Any
 def has_relevant_context(signals: Signals, thresholds: Thresholds) -> bool:
     """True when some chunk matches the question (the generator should run): it holds enough of the
     question's terms *or* is close enough to it in embedding space (a question worded unlike its document
-    still gets through; requiring both refused 15% of answerable questions given their own paragraph), and
-    passes the cross-encoder's threshold when there is one. A chunk dense retrieval did not score cannot
-    pass by similarity; a chunk without a cross-encoder score passes that threshold.
+    still gets through; requiring both refused 15% of answerable questions given their own paragraph) or,
+    with ``gate_weight``, their blend reaches ``gate_min``; and it passes the cross-encoder's threshold when
+    there is one. A chunk dense retrieval did not score cannot pass by similarity alone; a chunk without a
+    cross-encoder score passes that threshold.
     """
     answerability = signals.answerability or [None] * len(signals.relevance)
-    return any(matches(rel >= thresholds.relevance_min, dense is not None and dense >= thresholds.dense_min)
-               and (answer is None or answer >= thresholds.answerability_min)
-               for rel, dense, answer in zip(signals.relevance, signals.dense, answerability))
+    if thresholds.gate_weight is not None:
+        w = thresholds.gate_weight
+        topical = [blend(w, rel, dense) >= thresholds.gate_min for rel, dense in zip(signals.relevance, signals.dense)]
+    else:
+        topical = [matches(rel >= thresholds.relevance_min, dense is not None and dense >= thresholds.dense_min)
+                   for rel, dense in zip(signals.relevance, signals.dense)]
+    return any(passes and (answer is None or answer >= thresholds.answerability_min)
+               for passes, answer in zip(topical, answerability))
+
+
+def blend(weight: Any, relevance: Any, dense: Any) -> Any:
+    """The blended gate score (floats or NumPy arrays); a chunk dense retrieval did not score counts 0."""
+    return weight * relevance + (1 - weight) * (0.0 if dense is None else dense)
 
 
 def matches(lexical: Any, dense: Any) -> Any:

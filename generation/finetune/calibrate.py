@@ -23,7 +23,7 @@ import numpy as np
 
 from generation.finetune.data import Article, load_articles
 from generation.finetune.evaluate import Item, rescore, summarize
-from generation.grounding import Signals, Thresholds, matches, verdict
+from generation.grounding import Signals, Thresholds, blend, matches, verdict
 
 NEVER_ABSTAIN = 1e4  # a margin no first-token preference reaches
 OPEN = Thresholds(relevance_min=0.0, dense_min=2.0, answerability_min=0.0, evidence_min=0.0, support_min=0.0,
@@ -32,6 +32,8 @@ OPEN = Thresholds(relevance_min=0.0, dense_min=2.0, answerability_min=0.0, evide
 GRID: dict[str, Sequence[Any]] = {
     "relevance_min": [round(0.1 * i, 1) for i in range(8)],  # 0 .. 0.7
     "dense_min": [2.0, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6],  # 2: off (no chunk passes by similarity)
+    "gate_weight": [round(0.1 * i, 1) for i in range(1, 10)],  # the blended gate: 0.1 .. 0.9 on relevance
+    "gate_min": [round(0.25 + 0.0125 * i, 4) for i in range(25)],  # 0.25 .. 0.55
     "answerability_min": [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
     "margin": [round(0.5 * i, 1) for i in range(13)] + [NEVER_ABSTAIN],  # 0 .. 6 logits, never
     "support_min": [0.5, 0.75, 1.0],  # below half the answer's words, a chunk does not support it
@@ -66,20 +68,28 @@ def search(records: Sequence[dict[str, Any]], items: Sequence[Item], max_abstain
     f1 = np.array([r["f1"] if r["answerable"] and r["in_corpus"] else 0.0 for r in records])
     signals = [Signals(**r["signals"]) for r in records]
 
-    # gate[i, r, d, a]: question i passes the pre-generation gate (relevance_min r or dense_min d, and
-    # answerability_min a) on at least one chunk, by the rule of generation.grounding.has_relevant_context
-    rel_grid = np.array(grid["relevance_min"])[None, :, None, None]
-    dense_grid = np.array(grid["dense_min"])[None, None, :, None]
-    ans_grid = np.array(grid["answerability_min"])[None, None, None, :]
-    gate = np.zeros((n, rel_grid.size, dense_grid.size, ans_grid.size), dtype=bool)
+    # gate[i, g, a]: question i passes the pre-generation gate configuration g (either rule of
+    # generation.grounding.has_relevant_context, see gate_configurations) and answerability_min a on a chunk
+    gates = gate_configurations(grid)
+    ans_values = grid["answerability_min"] if any(a is not None for s in signals for a in (s.answerability or [])) \
+        else [0.0]  # no cross-encoder scores: the answerability axis changes nothing
+    ans_grid = np.array(ans_values)[None, None, :]
+    rel_min = np.array([g.relevance_min for g in gates])[None, :, None]
+    dense_min = np.array([g.dense_min for g in gates])[None, :, None]
+    blended = np.array([g.gate_weight is not None for g in gates])[None, :, None]
+    weight = np.array([g.gate_weight or 0.0 for g in gates])[None, :, None]
+    gate_min = np.array([g.gate_min for g in gates])[None, :, None]
+    gate = np.zeros((n, len(gates), ans_grid.size), dtype=bool)
     for i, s in enumerate(signals):
         if not s.relevance:
             continue
         k = len(s.relevance)
-        rel = np.array(s.relevance)[:, None, None, None]
-        dense = np.array([-np.inf if d is None else d for d in s.dense])[:, None, None, None]  # unscored: no pass
-        ans = np.array([1.0 if a is None else a for a in (s.answerability or [None] * k)])[:, None, None, None]
-        gate[i] = (matches(rel >= rel_grid, dense >= dense_grid) & (ans >= ans_grid)).any(axis=0)
+        rel = np.array(s.relevance)[:, None, None]
+        dense = np.array([-np.inf if d is None else d for d in s.dense])[:, None, None]  # unscored: no pass
+        ans = np.array([1.0 if a is None else a for a in (s.answerability or [None] * k)])[:, None, None]
+        mixed = blend(weight, rel, np.where(np.isinf(dense), 0.0, dense)) >= gate_min
+        topical = np.where(blended, mixed, matches(rel >= rel_min, dense >= dense_min))
+        gate[i] = (topical & (ans >= ans_grid)).any(axis=0)
     # speaks[i, m]: the model does not abstain at margin m
     pref = np.array([np.inf if s.abstain_preference is None else s.abstain_preference for s in signals])
     speaks = ~(pref[:, None] > np.array(grid["margin"])[None, :])
@@ -91,32 +101,38 @@ def search(records: Sequence[dict[str, Any]], items: Sequence[Item], max_abstain
         for j, (sup, evi, conf) in enumerate(post):
             thresholds = replace(OPEN, support_min=sup, evidence_min=evi, confidence_min=conf)
             grounded[i, j] = verdict(s, thresholds, "flag").grounded
-    # answered[i, r, d, a, p] at each margin; score: SQuAD 2.0 F1 pooled over every question; the cap holds
+    # answered[i, g, a, p] at each margin; score: SQuAD 2.0 F1 pooled over every question; the cap holds
     # in each mode (retrieval, gold paragraph) on its own
     modes = np.array([r.get("mode", "retrieval") for r in records])
     groups = [answerable & (modes == mode) for mode in sorted(set(modes))]
     best: tuple[float, tuple[int, ...], int] | None = None
     for m in range(len(grid["margin"])):
-        answered = gate[..., None] & speaks[:, m][:, None, None, None, None] & grounded[:, None, None, None, :]
-        points = np.where(answerable[:, None, None, None, None], f1[:, None, None, None, None] * answered,
-                          ~answered).sum(0)
-        worst = np.max([100 * (g[:, None, None, None, None] & ~answered).sum(0) / max(int(g.sum()), 1)
+        answered = gate[..., None] & speaks[:, m][:, None, None, None] & grounded[:, None, None, :]
+        points = np.where(answerable[:, None, None, None], f1[:, None, None, None] * answered, ~answered).sum(0)
+        worst = np.max([100 * (g[:, None, None, None] & ~answered).sum(0) / max(int(g.sum()), 1)
                         for g in groups if g.any()], axis=0)
         points = np.where(worst <= max_abstain_answerable, points, -1.0)
         at = np.unravel_index(int(points.argmax()), points.shape)
         if best is None or points[at] > best[0] + 1e-9:
             best = (float(points[at]), tuple(int(x) for x in at), m)
     assert best is not None
-    (r, d, a, p), m = best[1], best[2]
+    (g, a, p), m = best[1], best[2]
     if best[0] < 0:  # nothing stays under the cap: the most permissive point
-        r, d, a, m, p = 0, 0, 0, len(grid["margin"]) - 1, 0
+        g, a, m, p = 0, 0, len(grid["margin"]) - 1, 0
     sup, evi, conf = post[p]
-    thresholds = Thresholds(relevance_min=grid["relevance_min"][r], dense_min=grid["dense_min"][d],
-                            answerability_min=grid["answerability_min"][a], support_min=sup, evidence_min=evi,
-                            confidence_min=conf)
+    thresholds = replace(gates[g], answerability_min=ans_values[a], support_min=sup, evidence_min=evi,
+                         confidence_min=conf)
     margin = grid["margin"][m]
     summary = pooled_summary(rescore(records, items, thresholds, margin))
     return {"thresholds": thresholds, "abstain_margin": margin, "summary": summary}
+
+
+def gate_configurations(grid: dict[str, Sequence[Any]] = GRID) -> list[Thresholds]:
+    """Every gate the grid holds, as Thresholds with the rest open: first the either-signal rule (each
+    relevance_min with each dense_min), then the blended rule (each gate_weight with each gate_min)."""
+    either = [replace(OPEN, relevance_min=r, dense_min=d) for r in grid["relevance_min"] for d in grid["dense_min"]]
+    blends = [replace(OPEN, gate_weight=w, gate_min=t) for w in grid.get("gate_weight", []) for t in grid.get("gate_min", [])]
+    return either + blends
 
 
 def pooled_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -135,7 +151,8 @@ def sweeps(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds:
            grid: dict[str, Sequence[Any]] = GRID) -> dict[str, list[dict[str, Any]]]:
     """One-at-a-time sweeps around the chosen point: for each knob, the summary at every grid value."""
     curves: dict[str, list[dict[str, Any]]] = {}
-    for knob in ("relevance_min", "dense_min", "answerability_min", "evidence_min", "confidence_min", "margin"):
+    gate_knobs = ("gate_weight", "gate_min") if thresholds.gate_weight is not None else ("relevance_min", "dense_min")
+    for knob in (*gate_knobs, "answerability_min", "evidence_min", "confidence_min", "margin"):
         rows = []
         for value in grid[knob]:
             if value is None or value == NEVER_ABSTAIN or (knob == "dense_min" and value > 1.0):

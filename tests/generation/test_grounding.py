@@ -1,8 +1,10 @@
 """Grounding verification with hand-written answers: supported, unsupported, wrong chunk, invalid refs, no refs."""
 
+from dataclasses import replace
+
 import pytest
 
-from generation.grounding import (Thresholds, clean_citations, evidence, has_relevant_context, measure, relevance,
+from generation.grounding import (Signals, Thresholds, clean_citations, evidence, has_relevant_context, measure, relevance,
                                   relevance_signals, support, verdict)
 from generation.prompt import ABSTAIN_ANSWER, ContextChunk
 
@@ -103,6 +105,21 @@ def test_low_confidence_answer_is_unsupported():
     assert decide(VACATION_Q, "28 vacation days [2]", thresholds=th, confidence=-0.2).grounded
     weak = decide(VACATION_Q, "28 vacation days [2]", thresholds=th, confidence=-1.3)
     assert weak.abstained and weak.abstain_reason == "unsupported_answer"
+
+
+def test_blended_gate_draws_a_straight_boundary_between_the_two_signals():
+    """With gate_weight, a chunk passes on w * relevance + (1 - w) * cosine >= gate_min: two middling signals
+    together pass where the either-signal rule needs one of them high, and one high signal alone may not."""
+    middling = Signals(relevance=[0.35], dense=[0.45])
+    lopsided = Signals(relevance=[0.6], dense=[0.05])
+    either = Thresholds(relevance_min=0.5, dense_min=0.5)
+    blended = Thresholds(gate_weight=0.5, gate_min=0.38)
+    assert not has_relevant_context(middling, either) and has_relevant_context(lopsided, either)
+    assert has_relevant_context(middling, blended) and not has_relevant_context(lopsided, blended)
+    # relevance_min / dense_min are not consulted by the blended rule; an unscored chunk counts cosine 0
+    assert has_relevant_context(Signals(relevance=[0.8], dense=[None]), replace(blended, relevance_min=1.0))
+    assert not has_relevant_context(Signals(relevance=[0.7], dense=[None]), blended)
+    assert Thresholds.from_metadata({"grounding": {"thresholds": blended.as_dict()}}) == blended
 
 
 def test_relevance_gate_before_generation():

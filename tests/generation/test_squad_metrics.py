@@ -120,7 +120,9 @@ def test_rescore_and_search_choose_thresholds_from_one_open_run():
     """Four questions recorded with the gate open and abstention off; rescoring applies any thresholds."""
     from dataclasses import asdict
 
-    from generation.finetune.calibrate import GRID, NEVER_ABSTAIN, search
+    from dataclasses import replace
+
+    from generation.finetune.calibrate import GRID, NEVER_ABSTAIN, gate_configurations, search
     from generation.finetune.evaluate import Item, decision_record, rescore
     from generation.grounding import Thresholds, measure, relevance_signals, verdict
     from generation.prompt import ContextChunk
@@ -156,6 +158,12 @@ def test_rescore_and_search_choose_thresholds_from_one_open_run():
     assert summary["abstain_unanswerable"] == 100.0 and summary["abstain_out_of_corpus"] == 100.0
     assert 0.5 <= best["abstain_margin"] < 1.5  # between the answerable (0.5) and unanswerable (1.5) preferences
     assert summary["citation_precision"] == 100.0 and summary["citation_valid"] == 100.0
+    # the search covers both gate rules: each chosen point is one of the grid's gate configurations
+    assert any(replace(g, answerability_min=best["thresholds"].answerability_min,
+                       support_min=best["thresholds"].support_min, evidence_min=best["thresholds"].evidence_min,
+                       confidence_min=best["thresholds"].confidence_min) == best["thresholds"]
+               for g in gate_configurations())
+    assert {g.gate_weight is None for g in gate_configurations()} == {True, False}
 
 
 def test_evaluate_items_scores_what_the_serving_path_returns(tiny_model_dir):
