@@ -47,11 +47,13 @@ def require_scope(scope: str):
     def check(request: Request) -> Caller:
         caller = identify(request)
         if caller is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer <key>)",
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED,
+                                "missing or invalid API key (Authorization: Bearer <key>)",
                                 headers={"WWW-Authenticate": "Bearer"})
         if not caller.has(scope):
+            held = ", ".join(sorted(caller.scopes))
             raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                f"key {caller.name!r} lacks the {scope!r} scope (it has: {', '.join(sorted(caller.scopes))})")
+                                f"key {caller.name!r} lacks the {scope!r} scope (it has: {held})")
         return caller
 
     check.__name__ = f"require_{scope.replace('-', '_')}_scope"

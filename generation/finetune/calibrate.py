@@ -131,7 +131,8 @@ def gate_configurations(grid: dict[str, Sequence[Any]] = GRID) -> list[Threshold
     """Every gate the grid holds, as Thresholds with the rest open: first the either-signal rule (each
     relevance_min with each dense_min), then the blended rule (each gate_weight with each gate_min)."""
     either = [replace(OPEN, relevance_min=r, dense_min=d) for r in grid["relevance_min"] for d in grid["dense_min"]]
-    blends = [replace(OPEN, gate_weight=w, gate_min=t) for w in grid.get("gate_weight", []) for t in grid.get("gate_min", [])]
+    blends = [replace(OPEN, gate_weight=w, gate_min=t)
+              for w in grid.get("gate_weight", []) for t in grid.get("gate_min", [])]
     return either + blends
 
 

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from generation.grounding import (Signals, Thresholds, clean_citations, evidence, has_relevant_context, measure, relevance,
-                                  relevance_signals, support, verdict)
+from generation.grounding import (Signals, Thresholds, clean_citations, evidence, has_relevant_context, measure,
+                                  relevance, relevance_signals, support, verdict)
 from generation.prompt import ABSTAIN_ANSWER, ContextChunk
 
 EXPENSES = ContextChunk(
