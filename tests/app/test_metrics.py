@@ -3,8 +3,10 @@ before and after a query, an ingest job through the signed webhook and a refresh
 exactly what those did."""
 
 import json
+import re
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +20,7 @@ from generation.rag import retrieve_context
 from ingestion.loaders import load_documents
 from tests.app.conftest import SECRET, make_settings, signed_headers, synthetic_documents, wait_for_job, webhook_body
 
+REPO = Path(__file__).resolve().parents[2]
 QUERY_KEY, ADMIN_KEY = "q" * 24, "a" * 24
 QUERY = {"Authorization": f"Bearer {QUERY_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -227,3 +230,15 @@ def test_each_app_has_its_own_registry(service, tmp_path):
         second = other.get("/metrics").text
         assert 'rag_http_requests_total{method="GET",route="/metrics",status="200"} 1.0' in second
     assert value(scrape(client), "rag_http_requests_total", route="/metrics", method="GET", status="200") > 1
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exposed(service):
+    client, _ = service
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    text = client.get("/metrics", headers=ADMIN).text
+    exposed = set()
+    for family in text_string_to_metric_families(text):
+        exposed |= {family.name, *(family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count", "_info"))}
+    queried = {name for expr in exprs for name in re.findall(r"\brag_\w+", expr)}
+    assert len(queried) >= 15 and queried <= exposed, queried - exposed
