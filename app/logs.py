@@ -27,7 +27,7 @@ NOISY = {"bm25s": logging.WARNING, "httpx": logging.WARNING, "chromadb": logging
          "bitsandbytes": logging.ERROR}  # bitsandbytes: its CPU kernels notice, on every start
 UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-_OURS = {"request_id", "job_id", "context", "trace_id", "span_id"}
+_OURS = {"request_id", "job_id", "context", "trace_id", "span_id", "color_message"}  # uvicorn adds color_message
 
 
 @contextmanager
