@@ -13,7 +13,12 @@ from contextlib import asynccontextmanager
 
 
 class Busy(RuntimeError):
-    """Every generation slot and queue place is taken, or the wait for a slot ran out."""
+    """Every generation slot and queue place is taken (reason "queue_full"), or the wait for a slot ran
+    out ("wait_timeout")."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class GenerationGate:
@@ -41,14 +46,14 @@ class GenerationGate:
         slots = self._semaphore()
         if self.admitted >= self.concurrent + self.queue:
             self.rejected += 1
-            raise Busy(f"all {self.concurrent} generation slots and {self.queue} queue places are taken")
+            raise Busy(f"all {self.concurrent} generation slots and {self.queue} queue places are taken", "queue_full")
         self.admitted += 1
         try:
             try:
                 await asyncio.wait_for(slots.acquire(), wait_s)
             except TimeoutError:
                 self.rejected += 1
-                raise Busy(f"no generation slot became free within {wait_s:g} s") from None
+                raise Busy(f"no generation slot became free within {wait_s:g} s", "wait_timeout") from None
             self.running += 1
             try:
                 yield

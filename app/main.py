@@ -3,6 +3,10 @@
 The lifespan holds the data directory's writer lock, reconciles the live generation, reclaims what
 retired generations left, starts the job workers (which resume interrupted jobs) and the refresh
 schedule; on shutdown the workers stop after their current step, leaving their jobs resumable.
+
+Outermost first: FastAPI's request span (when tracing is on, app/tracing.py), the request id
+(app/request_id.py), metrics and the access log (app/metrics.py), the body limit. Each app has its own
+metrics registry.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from app.access import KeyRing
 from app.body_limit import BodySizeLimit
 from app.container import Services, build_services
 from app.errors import install_error_handlers
-from app.routes import health, ingest, query, refresh
+from app.metrics import Metrics, ObserveRequests
+from app.request_id import RequestId
+from app.routes import health, ingest, metrics, query, refresh
 from app.settings import Settings, get_settings
+from app.tracing import start_tracing
 from app.worker import start_scheduler, start_workers
 from ingestion.ledger import writer_lock
 
@@ -32,6 +39,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with AsyncExitStack() as stack:
+            spans = start_tracing(settings)
+            if spans is not None:
+                stack.callback(spans.shutdown)  # flushes the spans still buffered
             if services is None:
                 stack.enter_context(writer_lock(settings.data_dir))  # this process writes the data dir
                 app.state.services = await run_in_threadpool(build_services, settings, reconcile=True)
@@ -40,7 +50,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 app.state.services = services
             current = app.state.services
             await run_in_threadpool(current.collect_garbage)
-            for worker in start_workers(current):
+            for worker in start_workers(current, on_end=app.state.metrics.observe_job):
                 stack.callback(worker.stop)  # before the ledger closes (callbacks run last-in, first-out)
             scheduler = start_scheduler(current)
             if scheduler is not None:
@@ -48,17 +58,22 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             log.info("serving generation %s", current.generation.generation)
             yield
 
-    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan,
+                  telemetry={"metrics": False})  # spans when tracing is on; metrics are Prometheus (/metrics)
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.api_keys, settings.admin_api_keys, settings.keys_file)
+    app.state.metrics = Metrics(lambda: getattr(app.state, "services", None))
     install_error_handlers(app)
     app.include_router(query.router)
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(refresh.router)
+    app.include_router(metrics.router)
 
     def body_limit_for(path: str) -> int:
         return settings.ingest_max_body_bytes if path == "/ingest" else settings.max_body_bytes
 
     app.add_middleware(BodySizeLimit, limit_for=body_limit_for)
+    app.add_middleware(ObserveRequests, metrics=app.state.metrics)
+    app.add_middleware(RequestId)  # added last: runs first
     return app

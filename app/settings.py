@@ -16,7 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BeforeValidator, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_EMBEDDING_MODEL = "bundled:all-MiniLM-L6-v2"
@@ -171,6 +172,16 @@ class Settings(BaseSettings):
     # --- rate limits and public routes (issue 13) --------------------------------------------
 
     # --- metrics, tracing and logs (issue 13) -------------------------------------------------
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or one JSON object each "
+                                                "(`rag serve`, the CLI, `python -m app.worker`).")
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+                         BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)] = "INFO"
+    tracing: Literal["off", "console", "otlp"] = Field(
+        "off", description="OpenTelemetry spans: off, console (stdout) or otlp (gRPC to RAG_OTLP_ENDPOINT).")
+    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP gRPC collector, for RAG_TRACING=otlp.")
+    tracing_service_name: str = Field("rag-service", min_length=1, description="service.name on every span.")
+    tracing_sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Share of new traces recorded "
+                                        "(an incoming traceparent's decision is kept).")
 
     # --- audit trail (issue 13) ---------------------------------------------------------------
 

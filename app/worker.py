@@ -12,6 +12,9 @@ A job that hits a full disk fails at once with an error naming the disk and path
 changes until space is freed), after the stores are reconciled (``Services.recover_from_full_disk``).
 When the full ledger refuses even that failure, it is kept in memory and written before anything else
 runs; the job is not run again.
+
+Every log line of a job carries its id (``job=...``; app/logs.py), each run is a span ``job <kind>``,
+and the service's workers report each ended run to its metrics (``on_end``).
 """
 
 from __future__ import annotations
@@ -22,22 +25,44 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from opentelemetry import trace
+
 from app.container import Services, refresh_config
+from app.logs import configure_logging, job_id_var, log_context
 from ingestion.jobs import JobInterrupted, run_ingest_job
 from ingestion.ledger import JobRow
 from ingestion.refresh import REFRESH_KINDS, RefreshFailed, run_refresh_job
 from ingestion.storage_errors import StorageFull, disk_full, raise_if_full
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 INGEST_KINDS = ("ingest",)
 ALL_KINDS = INGEST_KINDS + REFRESH_KINDS
 Report = Callable[[JobRow, dict], None]  # (job, its progress) after every committed step
+JobEnded = Callable[[JobRow, str, float], None]  # (the job as the ledger holds it now, final status, seconds run)
 
 
 def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] = lambda: False,
-            report: Report | None = None) -> str:
+            report: Report | None = None, on_end: JobEnded | None = None) -> str:
     """Run or resume one job to its end; returns its final status ('running' if interrupted)."""
+    started = time.monotonic()
+    with log_context(job_id_var, job.job_id), tracer.start_as_current_span(
+            f"job {job.kind}", attributes={"rag.job_id": job.job_id, "rag.job_kind": job.kind}) as span:
+        status = _run_job(services, job, should_stop=should_stop, report=report)
+        span.set_attribute("rag.job_status", status)
+        if on_end is not None:
+            try:
+                ended = services.ledger.get_job(job.job_id) or job
+            except Exception as exc:  # noqa: BLE001 - a full ledger: the job's counts stay unreported
+                log.warning("job %s: its end not reported to metrics (%s)", job.job_id, exc)
+            else:
+                on_end(ended, status, time.monotonic() - started)
+    return status
+
+
+def _run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool],
+             report: Report | None) -> str:
     ledger = services.ledger
     if job.job_id in services.unrecorded_failures:
         return _fail(services, job.job_id, services.unrecorded_failures[job.job_id])
@@ -113,10 +138,12 @@ def run_pending(services: Services, kinds: Sequence[str] = ALL_KINDS, *,
 class JobWorker:
     """A daemon thread that runs the unfinished jobs of some kinds, one at a time."""
 
-    def __init__(self, services: Services, kinds: Sequence[str], name: str, poll_s: float = 5.0) -> None:
+    def __init__(self, services: Services, kinds: Sequence[str], name: str, poll_s: float = 5.0,
+                 on_end: JobEnded | None = None) -> None:
         self.services = services
         self.kinds = tuple(kinds)
         self.poll_s = poll_s
+        self.on_end = on_end
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -149,7 +176,7 @@ class JobWorker:
             try:
                 jobs = self.services.ledger.unfinished_jobs(self.kinds, with_payload=True)
                 if jobs:
-                    run_job(self.services, jobs[0], should_stop=self._stop.is_set)
+                    run_job(self.services, jobs[0], should_stop=self._stop.is_set, on_end=self.on_end)
                     continue
                 if self._recovery_due():  # reconcile once space is back, without waiting for a job
                     self.services.recover_from_full_disk()
@@ -174,9 +201,9 @@ def submit_refresh(services: Services, kind: str = "refresh") -> tuple[str, dict
     return outcome, response
 
 
-def start_workers(services: Services) -> list[JobWorker]:
-    workers = [JobWorker(services, INGEST_KINDS, "ingest-worker").start(),
-               JobWorker(services, REFRESH_KINDS, "refresh-worker").start()]
+def start_workers(services: Services, on_end: JobEnded | None = None) -> list[JobWorker]:
+    workers = [JobWorker(services, INGEST_KINDS, "ingest-worker", on_end=on_end).start(),
+               JobWorker(services, REFRESH_KINDS, "refresh-worker", on_end=on_end).start()]
 
     def wake_all() -> None:
         for worker in workers:
@@ -231,12 +258,13 @@ def main() -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.settings import Settings
     from ingestion.ledger import DataDirLocked
 
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
     try:
-        results = resume_all(Settings())
+        results = resume_all(settings)
     except DataDirLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -5,6 +5,11 @@ Citations list exactly the chunks the generator was given (or would have been gi
 relevant enough to generate), numbered as in the prompt, so ``[n]`` in the answer points at
 ``citations[n-1]``. The grounding decision (generation/grounding.py) says whether the answer is returned,
 flagged or replaced by the abstention.
+
+Spans (OpenTelemetry API; no-ops unless the service installs a tracer provider): ``rag.answer`` around
+``retrieve``, ``pack``, ``rerank`` (the answerability cross-encoder, when there is one), ``generate``
+(when the gate lets it run) and ``verify``. Attributes are counts, scores and outcomes, never the
+question or the chunks' text.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from opentelemetry import trace
 from pydantic import Field
 
 from generation.generate import GenerationResult, Generator
@@ -24,6 +31,8 @@ from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, PackedPromp
 from ingestion.ledger import Ledger
 from retrieval.bm25 import Filters
 from retrieval.hybrid import HybridRetriever
+
+tracer = trace.get_tracer(__name__)
 
 
 @dataclass
@@ -63,6 +72,8 @@ class Answer:
     citation_repair: str | None = None  # "attached" / "corrected" (generation/grounding.py)
     finish_reason: str | None = None  # the generator's ("stop", "length", "timeout", "cancelled"); None: not run
     generated: str | None = None  # what the generator wrote (citations cleaned), before the grounding decision
+    prompt_tokens: int = 0  # the packed prompt given to the generator (0: it did not run)
+    completion_tokens: int = 0  # tokens it wrote
 
 
 @dataclass
@@ -86,17 +97,27 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
     ``on_text`` receives the raw answer as it is generated; the decision may still withdraw it.
     """
     thresholds = thresholds or generator.grounding
-    packed = pack_prompt(generator.tokenizer, question, chunks,
-                         context_window=generator.context_window, max_new_tokens=max_new_tokens)
-    signals = relevance_signals(question, packed.chunks, scorer, term_weights)
+    with tracer.start_as_current_span("pack") as span:
+        packed = pack_prompt(generator.tokenizer, question, chunks,
+                             context_window=generator.context_window, max_new_tokens=max_new_tokens)
+        span.set_attributes({"rag.chunks_given": len(chunks), "rag.chunks_packed": len(packed.chunks),
+                             "rag.prompt_tokens": packed.n_tokens, "rag.prompt_budget": packed.budget})
+    with tracer.start_as_current_span("rerank") if scorer is not None else nullcontext():
+        signals = relevance_signals(question, packed.chunks, scorer, term_weights)
     if not has_relevant_context(signals, thresholds):
         return Grounded(packed, None, verdict(signals, thresholds, unsupported))
-    result = generator.generate(packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
-                                abstain_margin=abstain_margin, on_text=on_text, cancel=cancel)
-    signals = measure(question, packed.chunks, result.text, confidence=result.mean_logprob,
-                      abstain_preference=result.abstain_preference, finish_reason=result.finish_reason,
-                      signals=signals)
-    return Grounded(packed, result, verdict(signals, thresholds, unsupported))
+    with tracer.start_as_current_span("generate") as span:
+        result = generator.generate(packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                                    abstain_margin=abstain_margin, on_text=on_text, cancel=cancel)
+        span.set_attributes({"rag.prompt_tokens": result.n_prompt_tokens,
+                             "rag.completion_tokens": result.n_new_tokens, "rag.finish_reason": result.finish_reason})
+    with tracer.start_as_current_span("verify") as span:
+        signals = measure(question, packed.chunks, result.text, confidence=result.mean_logprob,
+                          abstain_preference=result.abstain_preference, finish_reason=result.finish_reason,
+                          signals=signals)
+        decision = verdict(signals, thresholds, unsupported)
+        span.set_attributes({"rag.grounded": decision.grounded, "rag.abstained": decision.abstained})
+    return Grounded(packed, result, decision)
 
 
 def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int, question: str, top_k: int, *,
@@ -118,14 +139,24 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
                     alpha: float | None = None, unsupported: UnsupportedPolicy = "abstain",
                     scorer: Any = None, on_text: Callable[[str], None] | None = None,
                     cancel: threading.Event | None = None) -> Answer:
-    started = time.perf_counter()
-    context = retrieve_context(retriever, ledger, generation, question, top_k, filters=filters, alpha=alpha)
-    retrieved = time.perf_counter()
-    grounded = grounded_generation(generator, question, context, max_new_tokens=max_new_tokens,
-                                   timeout_s=timeout_s, unsupported=unsupported, scorer=scorer,
-                                   term_weights=retriever.bm25.idf, on_text=on_text, cancel=cancel)
-    finished = time.perf_counter()
-    decision = grounded.decision
+    with tracer.start_as_current_span("rag.answer") as span:
+        started = time.perf_counter()
+        with tracer.start_as_current_span("retrieve") as retrieve_span:
+            context = retrieve_context(retriever, ledger, generation, question, top_k, filters=filters,
+                                       alpha=alpha)
+            retrieve_span.set_attributes({"rag.index_generation": generation, "rag.top_k": top_k,
+                                          "rag.chunks_found": len(context), "rag.filtered": bool(filters)})
+        retrieved = time.perf_counter()
+        grounded = grounded_generation(generator, question, context, max_new_tokens=max_new_tokens,
+                                       timeout_s=timeout_s, unsupported=unsupported, scorer=scorer,
+                                       term_weights=retriever.bm25.idf, on_text=on_text, cancel=cancel)
+        finished = time.perf_counter()
+        decision = grounded.decision
+        span.set_attributes({"rag.abstained": decision.abstained, "rag.grounded": decision.grounded,
+                             "rag.generated": grounded.result is not None,
+                             "rag.adapter": str(provenance.get("adapter") or "none")})
+        if decision.abstain_reason:
+            span.set_attribute("rag.abstain_reason", decision.abstain_reason)
     citations = [
         Citation(ref=i, chunk_id=c.chunk_id, document_id=c.document_id, section=c.section, source=c.source,
                  score=round(c.score, 6), text=c.text, relevance=decision.relevance[i - 1],
@@ -151,4 +182,6 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
         removed_citations=decision.removed_citations,
         citation_repair=decision.citation_repair,
         finish_reason=grounded.result.finish_reason if grounded.result else None,
+        prompt_tokens=grounded.result.n_prompt_tokens if grounded.result else 0,
+        completion_tokens=grounded.result.n_new_tokens if grounded.result else 0,
     )

@@ -3,12 +3,12 @@ missing or renamed fails at import, it never drops its commands silently."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import typer
 
+from app.logs import configure_logging
 from app.cli import adapters, evaluate, evaluate_generation, refresh, service, train
 
 cli = typer.Typer(help="Retrieval-augmented answers over your documents.", no_args_is_help=True,
@@ -24,10 +24,7 @@ adapters.register(cli)
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("bm25s", "httpx", "chromadb"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernels notice, on every start
+    configure_logging()  # text at INFO until a command loads its settings (app.cli.common.load_settings)
     from ingestion.model_files import ModelUnavailable
     from retrieval.dense import ChromaUnavailable
 

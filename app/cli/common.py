@@ -13,14 +13,19 @@ DEMO_CORPUS = (SHIPPED / "demo" / "corpus").resolve()
 
 
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, or a clear exit naming every invalid RAG_ variable."""
+    """Settings from the environment, or a clear exit naming every invalid RAG_ variable; logging is set up
+    from them (RAG_LOG_FORMAT, RAG_LOG_LEVEL)."""
+    from app.logs import configure_logging
+
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         for error in exc.errors():
             name = "RAG_" + "_".join(str(p) for p in error["loc"]).upper() if error["loc"] else "settings"
             typer.secho(f"invalid setting {name}: {error['msg']}", err=True, fg="red")
         raise typer.Exit(2) from None
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
 
 
 def fail(message: str, code: int = 1) -> None:

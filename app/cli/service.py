@@ -180,7 +180,8 @@ def serve(
         app = create_app(settings)
     except KeysFileError as exc:
         fail(str(exc))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    # uvicorn's loggers go through the handler load_settings configured; the app writes the access log itself
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 
 def preflight(settings: Settings) -> None:

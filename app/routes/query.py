@@ -92,18 +92,21 @@ async def query(body: QueryRequest, request: Request, caller: QueryCaller, servi
             filters=body.filters.as_dict() if body.filters else None, alpha=body.alpha,
             unsupported=settings.unsupported, scorer=services.reranker, on_text=on_text, cancel=cancel)
 
+    metrics = request.app.state.metrics
     admission = AsyncExitStack()
     try:
         await admission.enter_async_context(services.gate.slot(wait_s=settings.queue_wait_s))
     except Busy as exc:
+        metrics.observe_rejection(exc.reason)
         raise _busy(exc) from None
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
-        return _AnswerStream(answer, cancel, admission)
+        return _AnswerStream(answer, cancel, admission, on_answer=metrics.observe_answer)
     async with admission:
         try:
             result = await run_in_threadpool(answer)
         except (ValueError, VllmError, ChromaUnavailable) as exc:
             raise _answer_error(exc) from None
+    metrics.observe_answer(result)
     return QueryResponse.from_answer(result)
 
 
@@ -118,8 +121,9 @@ class _AnswerStream(StreamingResponse):
     sets ``cancel``, waits for the generator thread to stop, and only then frees the slot.
     """
 
-    def __init__(self, answer: Callable, cancel: threading.Event, admission: AsyncExitStack) -> None:
-        self._answer, self._cancel, self._admission = answer, cancel, admission
+    def __init__(self, answer: Callable, cancel: threading.Event, admission: AsyncExitStack,
+                 on_answer: Callable[[Any], None]) -> None:
+        self._answer, self._cancel, self._admission, self._on_answer = answer, cancel, admission, on_answer
         self._work: asyncio.Future | None = None
         super().__init__(self._events(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -156,4 +160,5 @@ class _AnswerStream(StreamingResponse):
                 error = HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal error; see the server log")
             yield _event("error", {"status": error.status_code, "detail": error.detail})
             return
+        self._on_answer(result)
         yield _event("answer", QueryResponse.from_answer(result).model_dump(mode="json"))

@@ -45,11 +45,12 @@ def test_a_full_queue_rejects_at_once_and_a_long_wait_times_out() -> None:
         await holding.wait()
         waiter = asyncio.create_task(gate.slot(wait_s=0.1).__aenter__())
         await asyncio.sleep(0)
-        with pytest.raises(Busy, match="queue places are taken"):
+        with pytest.raises(Busy, match="queue places are taken") as full:
             async with gate.slot(wait_s=5):
                 pass
-        with pytest.raises(Busy, match="within 0.1 s"):
+        with pytest.raises(Busy, match="within 0.1 s") as late:
             await waiter
+        assert (full.value.reason, late.value.reason) == ("queue_full", "wait_timeout")  # the metrics' label
         await holder
         return gate
 
