@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from app.access import LOCAL_OPERATOR, Caller, KeyRing
+from app.audit import record_rejected_key
 from app.container import Services
 from app.settings import Settings
 
@@ -47,11 +48,14 @@ def require_scope(scope: str):
     def check(request: Request) -> Caller:
         caller = identify(request)
         if caller is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer <key>)",
+            record_rejected_key(request, status.HTTP_401_UNAUTHORIZED, "missing or invalid API key")
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED,
+                                "missing or invalid API key (Authorization: Bearer <key>)",
                                 headers={"WWW-Authenticate": "Bearer"})
         if not caller.has(scope):
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                f"key {caller.name!r} lacks the {scope!r} scope (it has: {', '.join(sorted(caller.scopes))})")
+            record_rejected_key(request, status.HTTP_403_FORBIDDEN, f"lacks the {scope!r} scope")
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"key {caller.name!r} lacks the {scope!r} scope "
+                                f"(it has: {', '.join(sorted(caller.scopes))})")
         return caller
 
     check.__name__ = f"require_{scope.replace('-', '_')}_scope"

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from app.audit import AuditLog, process_actor, record_job_end
 from app.container import Services, refresh_config
 from ingestion.jobs import JobInterrupted, run_ingest_job
 from ingestion.ledger import JobRow
@@ -37,7 +38,18 @@ Report = Callable[[JobRow, dict], None]  # (job, its progress) after every commi
 
 def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] = lambda: False,
             report: Report | None = None) -> str:
-    """Run or resume one job to its end; returns its final status ('running' if interrupted)."""
+    """Run or resume one job to its end; returns its final status ('running' if interrupted). A finished
+    job's end goes to the audit trail, naming who asked for it (``requested_by`` in its payload)."""
+    final = _run_job(services, job, should_stop=should_stop, report=report)
+    if final in ("succeeded", "failed"):
+        finished = services.ledger.get_job(job.job_id)
+        if finished is not None:
+            record_job_end(services.audit, finished, job.payload.get("requested_by"))
+    return final
+
+
+def _run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool],
+             report: Report | None) -> str:
     ledger = services.ledger
     if job.job_id in services.unrecorded_failures:
         return _fail(services, job.job_id, services.unrecorded_failures[job.job_id])
@@ -162,13 +174,18 @@ class JobWorker:
             self._wake.wait(self.poll_s)
 
 
-def submit_refresh(services: Services, kind: str = "refresh") -> tuple[str, dict]:
+def submit_refresh(services: Services, kind: str = "refresh", *, actor: dict | None = None,
+                   request_id: str | None = None) -> tuple[str, dict]:
     """Queue a refresh or rollback: ("accepted", response), or ("active", {"job_id": the unfinished one})
-    when one is already queued or running. Wakes the workers."""
+    when one is already queued or running. Wakes the workers. `actor` (default: this process) asked for it."""
     def respond(job_id: str) -> dict:
         return {"job_id": job_id, "kind": kind, "status": "queued", "status_url": f"/jobs/{job_id}"}
 
-    outcome, response = services.ledger.accept_job(kind, {}, respond=respond, unless_active=REFRESH_KINDS)
+    requested = {"actor": actor or services.audit.actor, "request_id": request_id}
+    outcome, response = services.ledger.accept_job(kind, {"requested_by": requested}, respond=respond,
+                                                   unless_active=REFRESH_KINDS)
+    services.audit.record(f"{kind}_requested", actor=requested["actor"], request_id=request_id,
+                          job_id=response["job_id"], outcome="accepted" if outcome == "accepted" else "already_active")
     if outcome == "accepted":
         services.wake_workers()
     return outcome, response
@@ -196,7 +213,7 @@ def start_scheduler(services: Services):
     from apscheduler.triggers.cron import CronTrigger
 
     def tick() -> None:
-        outcome, response = submit_refresh(services, "refresh")
+        outcome, response = submit_refresh(services, "refresh", actor={"kind": "schedule", "cron": cron})
         log.info("scheduled refresh: %s (job %s)", outcome, response.get("job_id"))
 
     timezone = services.settings.refresh_timezone
@@ -214,7 +231,9 @@ def resume_all(settings, *, during: Callable[[Services], Callable[[], None]] | N
     from ingestion.ledger import writer_lock
 
     with writer_lock(settings.data_dir):
+        audit = AuditLog.from_settings(settings, actor=process_actor("worker"))
         services = build_services(settings, load_generator=False, reconcile=True)
+        services.audit = audit
         services.collect_garbage()
         stop = during(services) if during else None
         try:
@@ -223,20 +242,26 @@ def resume_all(settings, *, during: Callable[[Services], Callable[[], None]] | N
             if stop:
                 stop()
             services.ledger.close()
+            services.audit.close()
 
 
 def main() -> int:
-    """Open the data directory (RAG_ settings), resume every unfinished job, exit 0 (3: data dir locked)."""
+    """Open the data directory (RAG_ settings), resume every unfinished job, exit 0 (2: the audit log cannot
+    be written, 3: data dir locked, 4: disk full)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.audit import AuditLogError
     from app.settings import Settings
     from ingestion.ledger import DataDirLocked
 
     try:
         results = resume_all(Settings())
+    except AuditLogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except DataDirLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
