@@ -169,6 +169,10 @@ def test_adapter_activation_from_the_cli_records_the_os_user(tmp_path):
         ("tiny@v2", None, "activate"), ("tiny@v1", "v2", "activate"), ("tiny@v2", "v1", "rollback")]
     assert lines[0]["actor"]["kind"] == "cli" and lines[0]["actor"]["user"] == process_actor("cli")["user"]
 
+    tail = runner.invoke(cli, ["audit", "tail", "-n", "2", "--event", "adapter_activated"], env=env)
+    assert tail.exit_code == 0, tail.output
+    assert [json.loads(line)["how"] for line in tail.output.splitlines()] == ["activate", "rollback"]
+
 
 def test_daily_rotation_keeps_the_retention_and_the_appenders_follow(tmp_path):
     path = tmp_path / "audit.jsonl"
