@@ -65,8 +65,8 @@ def test_a_query_by_a_named_key_records_the_question_and_the_returned_documents(
 def test_streamed_and_refused_queries_are_recorded_with_their_status(query_app):
     client, path = query_app
     auth = {"Authorization": f"Bearer {KEY}"}
-    with client.stream("POST", "/query", json={"question": "How often must the Orbit Scale be recalibrated?", "stream": True},
-                       headers=auth) as stream:
+    question = {"question": "How often must the Orbit Scale be recalibrated?", "stream": True}
+    with client.stream("POST", "/query", json=question, headers=auth) as stream:
         body = "".join(stream.iter_text())
     assert "event: answer" in body
     streamed = events(path, "query")[-1]
