@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.audit import AuditLog
 from app.gate import GenerationGate
 from app.settings import Settings
 from ingestion.chunker import SemanticChunker
@@ -103,6 +104,7 @@ class Services:
     # set when a write hit a full disk, cleared once Chroma is reopened and the live generation reconciled
     storage_dirty: bool = False
     unrecorded_failures: dict[str, str] = field(default_factory=dict)  # job id -> error the full ledger refused
+    audit: AuditLog = field(default_factory=AuditLog.disabled)  # where jobs record their end (app/audit.py)
 
     def __post_init__(self) -> None:
         if self.query_cache is None and self.settings.query_cache_size:

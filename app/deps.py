@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from app.access import LOCAL_OPERATOR, Caller, KeyRing
+from app.audit import record_rejected_key
 from app.container import Services
 from app.settings import Settings
 
@@ -47,10 +48,12 @@ def require_scope(scope: str):
     def check(request: Request) -> Caller:
         caller = identify(request)
         if caller is None:
+            record_rejected_key(request, status.HTTP_401_UNAUTHORIZED, "missing or invalid API key")
             raise HTTPException(status.HTTP_401_UNAUTHORIZED,
                                 "missing or invalid API key (Authorization: Bearer <key>)",
                                 headers={"WWW-Authenticate": "Bearer"})
         if not caller.has(scope):
+            record_rejected_key(request, status.HTTP_403_FORBIDDEN, f"lacks the {scope!r} scope")
             held = ", ".join(sorted(caller.scopes))
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 f"key {caller.name!r} lacks the {scope!r} scope (it has: {held})")

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app.access import KeyRing
+from app.audit import AuditLog, process_actor
 from app.body_limit import BodySizeLimit
 from app.container import Services, build_services
 from app.errors import install_error_handlers
@@ -49,6 +50,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             else:
                 app.state.services = services
             current = app.state.services
+            audit, current.audit = current.audit, app.state.audit  # jobs run by this app record to its trail
+            stack.callback(app.state.audit.close)  # last: the workers, stopped before it, may still record
+            stack.callback(setattr, current, "audit", audit)
             await run_in_threadpool(current.collect_garbage)
             for worker in start_workers(current, on_end=app.state.metrics.observe_job):
                 stack.callback(worker.stop)  # before the ledger closes (callbacks run last-in, first-out)
@@ -63,6 +67,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.api_keys, settings.admin_api_keys, settings.keys_file)
     app.state.metrics = Metrics(lambda: getattr(app.state, "services", None))
+    # opened here, so that a path it cannot write stops the start (AuditLogError, naming RAG_AUDIT_LOG)
+    app.state.audit = AuditLog.from_settings(settings, actor=process_actor("service"), rotate=True)
     install_error_handlers(app)
     app.include_router(query.router)
     app.include_router(health.router)

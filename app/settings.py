@@ -184,6 +184,27 @@ class Settings(BaseSettings):
                                         "(an incoming traceparent's decision is kept).")
 
     # --- audit trail (issue 13) ---------------------------------------------------------------
+    audit_log: Path | None = Field(
+        None, description="The audit trail, JSON lines (app/audit.py, docs/audit.md); unset: "
+                          "<data_dir>/audit/audit.jsonl; empty or 'none' disables it.")
+    audit_retention_days: int = Field(90, ge=0, description="Daily audit files kept (the service rotates at UTC "
+                                                            "midnight); older ones are deleted. 0 keeps all.")
+    audit_questions: Literal["full", "sha256", "omit"] = Field(
+        "full", description="Questions in the audit trail: 'full' text, 'sha256' of the text, or 'omit' (length "
+                            "only).")
+
+    @field_validator("audit_log", mode="before")
+    @classmethod
+    def _empty_audit_log(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @property
+    def audit_path(self) -> Path | None:
+        """Where the audit trail goes; None when RAG_AUDIT_LOG is set empty (disabled)."""
+        if "audit_log" not in self.model_fields_set:
+            return self.data_dir / "audit" / "audit.jsonl"
+        return self.audit_log
+
 
     # --- document access control (issue 13) ---------------------------------------------------
 

@@ -49,6 +49,12 @@ def parse_header(header: str) -> tuple[int, list[str]]:
 def verify(header: str | None, body: bytes, secrets: Sequence[str], *, tolerance_s: int,
            now: float | None = None) -> int:
     """The signed timestamp when the header is valid for `body` under one of `secrets`, else SignatureError."""
+    return verify_with_secret(header, body, secrets, tolerance_s=tolerance_s, now=now)[0]
+
+
+def verify_with_secret(header: str | None, body: bytes, secrets: Sequence[str], *, tolerance_s: int,
+                       now: float | None = None) -> tuple[int, int]:
+    """(signed timestamp, index in `secrets` of the first secret that signed it), else SignatureError."""
     if not secrets:
         raise SignatureError("no webhook secret is configured")
     if not header:
@@ -57,11 +63,12 @@ def verify(header: str | None, body: bytes, secrets: Sequence[str], *, tolerance
     now = time.time() if now is None else now
     if abs(now - timestamp) > tolerance_s:
         raise SignatureError(f"X-Signature timestamp is more than {tolerance_s} s away from the server's clock")
-    matched = False
-    for secret in secrets:
+    matched: int | None = None
+    for index, secret in enumerate(secrets):
         expected = signature_hex(secret, timestamp, body).encode()
         for candidate in given:
-            matched |= hmac.compare_digest(expected, candidate.encode("utf-8", "replace"))
-    if not matched:
+            if hmac.compare_digest(expected, candidate.encode("utf-8", "replace")) and matched is None:
+                matched = index
+    if matched is None:
         raise SignatureError("X-Signature does not match the body under any configured secret")
-    return timestamp
+    return timestamp, matched

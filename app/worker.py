@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 from opentelemetry import trace
 
+from app.audit import AuditLog, process_actor, record_job_end
 from app.container import Services, refresh_config
 from app.logs import configure_logging, job_id_var, log_context
 from ingestion.jobs import JobInterrupted, run_ingest_job
@@ -45,19 +46,23 @@ JobEnded = Callable[[JobRow, str, float], None]  # (the job as the ledger holds 
 
 def run_job(services: Services, job: JobRow, *, should_stop: Callable[[], bool] = lambda: False,
             report: Report | None = None, on_end: JobEnded | None = None) -> str:
-    """Run or resume one job to its end; returns its final status ('running' if interrupted)."""
+    """Run or resume one job to its end; returns its final status ('running' if interrupted). A finished
+    job's end goes to the audit trail, naming who asked for it (``requested_by`` in its payload), and to
+    ``on_end`` (metrics)."""
     started = time.monotonic()
     with log_context(job_id_var, job.job_id), tracer.start_as_current_span(
             f"job {job.kind}", attributes={"rag.job_id": job.job_id, "rag.job_kind": job.kind}) as span:
         status = _run_job(services, job, should_stop=should_stop, report=report)
         span.set_attribute("rag.job_status", status)
+        try:
+            ended = services.ledger.get_job(job.job_id) or job
+        except Exception as exc:  # noqa: BLE001 - a full ledger: the job's end stays unreported
+            log.warning("job %s: its end not reported to metrics or the audit trail (%s)", job.job_id, exc)
+            return status
+        if status in ("succeeded", "failed"):
+            record_job_end(services.audit, ended, job.payload.get("requested_by"))
         if on_end is not None:
-            try:
-                ended = services.ledger.get_job(job.job_id) or job
-            except Exception as exc:  # noqa: BLE001 - a full ledger: the job's counts stay unreported
-                log.warning("job %s: its end not reported to metrics (%s)", job.job_id, exc)
-            else:
-                on_end(ended, status, time.monotonic() - started)
+            on_end(ended, status, time.monotonic() - started)
     return status
 
 
@@ -189,13 +194,18 @@ class JobWorker:
             self._wake.wait(self.poll_s)
 
 
-def submit_refresh(services: Services, kind: str = "refresh") -> tuple[str, dict]:
+def submit_refresh(services: Services, kind: str = "refresh", *, actor: dict | None = None,
+                   request_id: str | None = None) -> tuple[str, dict]:
     """Queue a refresh or rollback: ("accepted", response), or ("active", {"job_id": the unfinished one})
-    when one is already queued or running. Wakes the workers."""
+    when one is already queued or running. Wakes the workers. `actor` (default: this process) asked for it."""
     def respond(job_id: str) -> dict:
         return {"job_id": job_id, "kind": kind, "status": "queued", "status_url": f"/jobs/{job_id}"}
 
-    outcome, response = services.ledger.accept_job(kind, {}, respond=respond, unless_active=REFRESH_KINDS)
+    requested = {"actor": actor or services.audit.actor, "request_id": request_id}
+    outcome, response = services.ledger.accept_job(kind, {"requested_by": requested}, respond=respond,
+                                                   unless_active=REFRESH_KINDS)
+    services.audit.record(f"{kind}_requested", actor=requested["actor"], request_id=request_id,
+                          job_id=response["job_id"], outcome="accepted" if outcome == "accepted" else "already_active")
     if outcome == "accepted":
         services.wake_workers()
     return outcome, response
@@ -223,7 +233,7 @@ def start_scheduler(services: Services):
     from apscheduler.triggers.cron import CronTrigger
 
     def tick() -> None:
-        outcome, response = submit_refresh(services, "refresh")
+        outcome, response = submit_refresh(services, "refresh", actor={"kind": "schedule", "cron": cron})
         log.info("scheduled refresh: %s (job %s)", outcome, response.get("job_id"))
 
     timezone = services.settings.refresh_timezone
@@ -241,7 +251,9 @@ def resume_all(settings, *, during: Callable[[Services], Callable[[], None]] | N
     from ingestion.ledger import writer_lock
 
     with writer_lock(settings.data_dir):
+        audit = AuditLog.from_settings(settings, actor=process_actor("worker"))
         services = build_services(settings, load_generator=False, reconcile=True)
+        services.audit = audit
         services.collect_garbage()
         stop = during(services) if during else None
         try:
@@ -250,14 +262,17 @@ def resume_all(settings, *, during: Callable[[Services], Callable[[], None]] | N
             if stop:
                 stop()
             services.ledger.close()
+            services.audit.close()
 
 
 def main() -> int:
-    """Open the data directory (RAG_ settings), resume every unfinished job, exit 0 (3: data dir locked)."""
+    """Open the data directory (RAG_ settings), resume every unfinished job, exit 0 (2: the audit log cannot
+    be written, 3: data dir locked, 4: disk full)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from app.audit import AuditLogError
     from app.settings import Settings
     from ingestion.ledger import DataDirLocked
 
@@ -265,6 +280,9 @@ def main() -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         results = resume_all(settings)
+    except AuditLogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except DataDirLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.cli.common import fail, load_settings
+from app.cli.common import cli_audit, fail, load_settings
 
 adapters_app = typer.Typer(help="Trained LoRA adapters: list, activate, roll back, calibrate.", no_args_is_help=True)
 RegistryOption = Annotated[Optional[Path], typer.Option(help="Adapter registry (default RAG_ADAPTERS_DIR).")]
@@ -21,6 +21,14 @@ def _registry(path: Path | None):
     from generation.adapters import AdapterRegistry
 
     return AdapterRegistry(path or load_settings().adapters_path)
+
+
+def record_activation(registry, found, previous: str | None, how: str) -> None:
+    """``adapter_activated`` in the audit trail: which version now serves, which did before, and how."""
+    audit = cli_audit(load_settings())
+    audit.record("adapter_activated", adapter=found.label, previous_version=previous, how=how,
+                 registry=str(registry.root))
+    audit.close()
 
 
 @adapters_app.command("list")
@@ -46,10 +54,13 @@ def activate(ref: Annotated[str, typer.Argument(help="NAME (its latest version) 
     from generation.adapters import AdapterNotFound
 
     name, _, version = ref.partition("@")
+    reg = _registry(registry)
+    previous = reg.active(name)
     try:
-        found = _registry(registry).activate(name, version or None)
+        found = reg.activate(name, version or None)
     except AdapterNotFound as exc:
         fail(str(exc))
+    record_activation(reg, found, previous, "activate")
     typer.echo(f"active: {found.label}")
 
 
@@ -65,10 +76,12 @@ def rollback(name: Annotated[Optional[str], typer.Argument(help="Adapter name (o
         if len(names) != 1:
             fail(f"name the adapter to roll back (registry holds: {', '.join(names) or 'none'})")
         name = names[0]
+    previous = reg.active(name)
     try:
         found = reg.rollback(name)
     except AdapterNotFound as exc:
         fail(str(exc))
+    record_activation(reg, found, previous, "rollback")
     typer.echo(f"active: {found.label}")
 
 

@@ -28,6 +28,17 @@ def load_settings(**overrides) -> Settings:
     return settings
 
 
+def cli_audit(settings: Settings):
+    """The audit trail as this command writes it (appends, never rotates; actor: "cli" and the OS user),
+    or a one-line exit naming RAG_AUDIT_LOG."""
+    from app.audit import AuditLog, AuditLogError, process_actor
+
+    try:
+        return AuditLog.from_settings(settings, actor=process_actor("cli"))
+    except AuditLogError as exc:
+        fail(str(exc), code=2)
+
+
 def fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", err=True, fg="red")
     raise typer.Exit(code)

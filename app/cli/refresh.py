@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import fail, load_settings, running_service
+from app.cli.common import cli_audit, fail, load_settings, running_service
 from ingestion.progress import chunks_and_rate
 
 
@@ -73,6 +73,7 @@ def _in_process(settings, kind: str) -> dict:
                     fail(str(exc))
                 typer.echo(f"note: {exc}\nbuilding the new generation with {settings.embedding_model}")
                 services = build_services(settings, load_generator=False, open_live=False)
+            services.audit = cli_audit(settings)
             services.collect_garbage()
             with _ProgressBar(kind) as bar:
                 outcome, response = submit_refresh(services, kind)
@@ -84,6 +85,7 @@ def _in_process(settings, kind: str) -> dict:
                 run_pending(services, REFRESH_KINDS, report=lambda job, progress: bar.show(progress))
             job = services.ledger.get_job(response["job_id"])
             services.ledger.close()
+            services.audit.close()
     except DataDirLocked as exc:
         fail(str(exc))
     return {"job_id": job.job_id, "kind": job.kind, "status": job.status, "progress": job.progress,

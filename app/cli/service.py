@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.cli.common import DEMO_CORPUS, fail, is_loopback, load_settings, running_service
+from app.cli.common import DEMO_CORPUS, cli_audit, fail, is_loopback, load_settings, running_service
 from app.settings import Settings
 
 def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
@@ -27,6 +27,8 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
         fail(str(exc))
     if not documents:
         fail("no documents found in " + ", ".join(map(str, paths)))
+    audit = cli_audit(settings)
+    where = {"paths": [str(path) for path in paths], "documents": len(documents)}
     with writer_lock(settings.data_dir):
         try:
             services = build_services(settings, load_generator=False, reconcile=True)
@@ -44,9 +46,13 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
                 indexer.on_embedded = chunk_postfix(bar)  # the bar moves within a batch of documents
                 counts = indexer.apply(documents, progress=progress)
         except StorageFull as exc:
-            fail(f"{exc} ({services.recover_from_full_disk()})")
+            error = f"{exc} ({services.recover_from_full_disk()})"
+            audit.record("ingest_failed", **where, error=error)
+            fail(error)
         finally:
             services.ledger.close()
+    audit.record("ingest_done", **where, counts=counts.as_dict())
+    audit.close()
     return counts.as_dict()
 
 
@@ -118,9 +124,14 @@ def query(
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s, alpha=alpha,
             unsupported=settings.unsupported, scorer=services.reranker, on_text=show,
         )
+        from app.audit import query_details
         from app.schemas import QueryResponse
 
-        result = QueryResponse.from_answer(answer).model_dump()
+        response = QueryResponse.from_answer(answer)
+        audit = cli_audit(settings)
+        audit.record("query", **query_details(audit, question, adapter=None, top_k=top_k, filters=None,
+                                              response=response, status=200, streamed=stream))
+        result = response.model_dump()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -175,10 +186,11 @@ def serve(
              "loopback address")
     preflight(settings)
     from app.access import KeysFileError
+    from app.audit import AuditLogError
 
     try:
         app = create_app(settings)
-    except KeysFileError as exc:
+    except (KeysFileError, AuditLogError) as exc:
         fail(str(exc))
     # uvicorn's loggers go through the handler load_settings configured; the app writes the access log itself
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)

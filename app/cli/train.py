@@ -62,8 +62,13 @@ def train(
     from generation.finetune.config import TrainConfig
     from generation.finetune.pipeline import train_from_config
 
+    from app.cli.adapters import record_activation
+    from generation.adapters import AdapterRegistry
+
     settings = load_settings()
     train_config, text = _load_config(TrainConfig, config, set_)
+    adapters = AdapterRegistry(registry or settings.adapters_path)
+    previous = adapters.active(train_config.name)
     try:
         ref = train_from_config(train_config, models_path=settings.models_path,
                                 open_index=corpus_opener(settings, FINETUNE_CACHE),
@@ -72,6 +77,8 @@ def train(
                                 config_text=text, activate=activate, device=settings.device)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    if activate:
+        record_activation(adapters, ref, previous, "train")
     typer.echo(f"adapter {ref.label} -> {ref.path}")
 
 

@@ -14,11 +14,12 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from app.audit import audit_of, request_id, requested_by, webhook_actor
 from app.deps import IngestStatusKey, ServicesDep, SettingsDep
 from app.ingest_payload import PayloadError, parse_ingest_body
 from app.openapi import error_responses
 from app.schemas import JobStatus
-from app.signature import SignatureError, verify
+from app.signature import SignatureError, verify_with_secret
 from ingestion.jobs import ingest_payload
 
 router = APIRouter(tags=["ingestion"])
@@ -34,10 +35,12 @@ async def ingest(request: Request, services: ServicesDep, settings: SettingsDep)
                             "webhook ingestion is disabled: no RAG_WEBHOOK_SECRET is configured")
     body = await request.body()
     try:
-        timestamp = verify(request.headers.get("x-signature"), body, settings.webhook_secret,
-                           tolerance_s=settings.webhook_tolerance_s)
+        timestamp, secret_index = verify_with_secret(request.headers.get("x-signature"), body,
+                                                     settings.webhook_secret, tolerance_s=settings.webhook_tolerance_s)
     except SignatureError as exc:
+        _rejected(request, None, status.HTTP_401_UNAUTHORIZED, f"invalid signature: {exc}")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"invalid signature: {exc}") from None
+    actor = webhook_actor(request, secret_index)
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise HTTPException(status.HTTP_400_BAD_REQUEST,
@@ -46,6 +49,7 @@ async def ingest(request: Request, services: ServicesDep, settings: SettingsDep)
         parsed = await run_in_threadpool(parse_ingest_body, body, max_documents=settings.ingest_max_documents,
                                          max_document_bytes=settings.ingest_max_document_bytes)
     except PayloadError as exc:
+        _rejected(request, actor, exc.status, exc.detail)
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail, "errors": exc.errors})
 
     body_hash = hashlib.sha256(body).hexdigest()
@@ -59,17 +63,27 @@ async def ingest(request: Request, services: ServicesDep, settings: SettingsDep)
                 "documents": len(parsed.documents), "deletes": len(parsed.deletes)}
 
     outcome, response = await run_in_threadpool(
-        services.ledger.accept_job, "ingest", ingest_payload(parsed.documents, parsed.deletes),
+        services.ledger.accept_job, "ingest",
+        {**ingest_payload(parsed.documents, parsed.deletes), "requested_by": requested_by(request, actor)},
         claims=claims, respond=respond)
     if outcome == "conflict":
+        _rejected(request, actor, status.HTTP_409_CONFLICT, "Idempotency-Key already used with a different body")
         raise HTTPException(status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body "
                             f"within the last {settings.idempotency_ttl_s} s")
     if outcome == "accepted":
         services.wake_workers()
+    audit_of(request).record("ingest_accepted", actor=actor, request_id=request_id(request),
+                             job_id=response["job_id"], outcome=outcome, idempotency_key=key,
+                             document_ids=[d.document_id for d in parsed.documents], delete_ids=parsed.deletes)
     headers = {"Location": response["status_url"]}
     if outcome == "replayed":
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response, headers=headers)
+
+
+def _rejected(request: Request, actor: dict | None, code: int, detail: object) -> None:
+    audit_of(request).record("ingest_rejected", actor=actor or webhook_actor(request, None),
+                             request_id=request_id(request), status=code, error=detail)
 
 
 @router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[IngestStatusKey],

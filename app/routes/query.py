@@ -28,6 +28,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from app.audit import record_query
 from app.deps import QueryCaller, ServicesDep, SettingsDep
 from app.gate import Busy
 from app.json_body import StrictJSONRoute
@@ -71,6 +72,21 @@ def _answer_error(exc: Exception) -> HTTPException | None:
                                                                                "events, then one answer event."}}}})
 async def query(body: QueryRequest, request: Request, caller: QueryCaller, services: ServicesDep,
                 settings: SettingsDep) -> Any:
+    """Answers, and records the request in the audit trail (app/audit.py) with what came back."""
+    try:
+        response = await _query(body, request, caller, services, settings)
+    except HTTPException as exc:
+        record_query(request, body, status=exc.status_code, error=str(exc.detail))
+        raise
+    if isinstance(response, _AnswerStream):
+        response.on_finish = lambda *outcome: record_query(request, body, *outcome, streamed=True)
+    else:
+        record_query(request, body, response)
+    return response
+
+
+async def _query(body: QueryRequest, request: Request, caller: QueryCaller, services: ServicesDep,
+                 settings: SettingsDep) -> Any:
     if len(body.question) > settings.max_question_chars:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"question: longer than {settings.max_question_chars} characters ({len(body.question)})")
@@ -125,6 +141,8 @@ class _AnswerStream(StreamingResponse):
                  on_answer: Callable[[Any], None]) -> None:
         self._answer, self._cancel, self._admission, self._on_answer = answer, cancel, admission, on_answer
         self._work: asyncio.Future | None = None
+        # called once with (response, status, error) when the stream ends, however it ends
+        self.on_finish: Callable[..., None] | None = None
         super().__init__(self._events(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
@@ -132,6 +150,7 @@ class _AnswerStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self._finish(None, 499, "the client went away before the answer")
             self._cancel.set()
             with anyio.CancelScope(shield=True):  # anyio re-cancels every await of a cancelled task
                 if self._work is not None:
@@ -158,7 +177,15 @@ class _AnswerStream(StreamingResponse):
             if error is None:
                 log.exception("streamed query failed")
                 error = HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal error; see the server log")
+            self._finish(None, error.status_code, str(error.detail))
             yield _event("error", {"status": error.status_code, "detail": error.detail})
             return
         self._on_answer(result)
-        yield _event("answer", QueryResponse.from_answer(result).model_dump(mode="json"))
+        response = QueryResponse.from_answer(result)
+        self._finish(response, 200, None)
+        yield _event("answer", response.model_dump(mode="json"))
+
+    def _finish(self, response: QueryResponse | None, status_code: int, error: str | None) -> None:
+        finish, self.on_finish = self.on_finish, None
+        if finish is not None:
+            finish(response, status_code, error)

@@ -5,10 +5,11 @@ One refresh or rollback at a time: while one is queued or running, both answer 4
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from app.audit import caller_actor, request_id
 from app.container import Services
 from app.deps import AdminKey, ServicesDep
 from app.openapi import error_responses
@@ -17,8 +18,9 @@ from app.worker import submit_refresh
 router = APIRouter(tags=["ops"], dependencies=[AdminKey])
 
 
-async def _submit(services: Services, kind: str) -> JSONResponse:
-    outcome, response = await run_in_threadpool(submit_refresh, services, kind)
+async def _submit(services: Services, kind: str, request: Request) -> JSONResponse:
+    outcome, response = await run_in_threadpool(submit_refresh, services, kind, actor=caller_actor(request),
+                                                 request_id=request_id(request))
     if outcome == "active":
         return JSONResponse(status_code=status.HTTP_409_CONFLICT,
                             content={"detail": "a refresh or rollback is already queued or running",
@@ -28,10 +30,10 @@ async def _submit(services: Services, kind: str) -> JSONResponse:
 
 
 @router.post("/refresh", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409))
-async def refresh(services: ServicesDep) -> JSONResponse:
-    return await _submit(services, "refresh")
+async def refresh(services: ServicesDep, request: Request) -> JSONResponse:
+    return await _submit(services, "refresh", request)
 
 
 @router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409))
-async def rollback(services: ServicesDep) -> JSONResponse:
-    return await _submit(services, "rollback")
+async def rollback(services: ServicesDep, request: Request) -> JSONResponse:
+    return await _submit(services, "rollback", request)

@@ -1,11 +1,13 @@
 """The weekly refresh schedule (APScheduler cron) and its settings."""
 
+import json
 from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
+from app.audit import AuditLog
 from app.worker import start_scheduler
 from ingestion.ledger import Ledger
 from tests.app.conftest import make_settings
@@ -14,7 +16,9 @@ from tests.app.conftest import make_settings
 def test_default_schedule_is_sundays_at_three_and_a_tick_queues_one_refresh(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     woken = []
-    services = SimpleNamespace(settings=make_settings(tmp_path), ledger=ledger, wake_workers=lambda: woken.append(1))
+    audit = AuditLog(tmp_path / "audit.jsonl", actor={"kind": "service"})
+    services = SimpleNamespace(settings=make_settings(tmp_path), ledger=ledger, wake_workers=lambda: woken.append(1),
+                               audit=audit)
     scheduler = start_scheduler(services)
     try:
         job = scheduler.get_job("weekly-refresh")
@@ -27,6 +31,11 @@ def test_default_schedule_is_sundays_at_three_and_a_tick_queues_one_refresh(tmp_
     assert [j.kind for j in ledger.unfinished_jobs(("refresh", "rollback"))] == ["refresh"]
     assert woken == [1]
     ledger.close()
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["actor"], e["outcome"]) for e in lines] == [
+        ("refresh_requested", {"kind": "schedule", "cron": "0 3 * * sun"}, "accepted"),
+        ("refresh_requested", {"kind": "schedule", "cron": "0 3 * * sun"}, "already_active")]
 
 
 def test_empty_cron_disables_and_bad_values_are_refused(tmp_path):
