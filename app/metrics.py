@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import Match
 
@@ -155,6 +155,10 @@ class ServiceCollector(Collector):
                                 value=gate.waiting)
         yield GaugeMetricFamily("rag_generation_slots", "RAG_MAX_CONCURRENT_GENERATIONS.", value=gate.concurrent)
         yield GaugeMetricFamily("rag_generation_queue_size", "RAG_GENERATION_QUEUE_SIZE.", value=gate.queue)
+        audit = getattr(services, "audit", None)
+        if audit is not None:
+            yield CounterMetricFamily("rag_audit_write_failures", "Audit lines that could not be written "
+                                      "(the request went on; the server log names the path).", value=audit.failures)
         generator = services.generator
         yield InfoMetricFamily("rag_serving", "What answers come from: models, backend, default adapter.", value={
             "embedding_model": services.settings.embedding_model,

@@ -242,3 +242,14 @@ def test_every_metric_the_grafana_dashboard_queries_is_exposed(service):
         exposed |= {family.name, *(family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count", "_info"))}
     queried = {name for expr in exprs for name in re.findall(r"\brag_\w+", expr)}
     assert len(queried) >= 15 and queried <= exposed, queried - exposed
+
+
+def test_audit_write_failures_are_counted(service):
+    client, services = service
+    audit = client.app.state.audit
+    before = value(scrape(client), "rag_audit_write_failures_total")
+    audit.failures += 2  # what AuditLog.record does when a line cannot be written (tests/app/test_audit.py)
+    try:
+        assert value(scrape(client), "rag_audit_write_failures_total") == before + 2
+    finally:
+        audit.failures -= 2
