@@ -36,10 +36,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from retrieval.acl import GROUP_PATTERN, SEES_ALL  # one definition for keys' groups and documents' acls
+
 Scope = Literal["query", "ingest-status", "admin"]
 ALL_SCOPES: frozenset[str] = frozenset({"query", "ingest-status", "admin"})
-SEES_ALL = "*"
-GROUP_PATTERN = r"^[A-Za-z0-9_.:@*-]{1,128}$"
 
 
 @dataclass(frozen=True)

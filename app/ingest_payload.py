@@ -1,6 +1,6 @@
 """The body of ``POST /ingest``, parsed and validated strictly before anything is stored.
 
-``{"documents": [{"document_id", "text", "title"?, "source"?, "metadata"?}], "deletes": [id, ...]}``.
+``{"documents": [{"document_id", "text", "title"?, "source"?, "metadata"?, "acl"?}], "deletes": [id, ...]}``.
 Every error names the offending document (its index and document_id) and field.
 
 Decisions:
@@ -13,7 +13,10 @@ Decisions:
 - A document whose id is also in ``deletes`` is accepted: deletes apply after documents, the delete wins.
 - ``title`` defaults to "", ``source`` to "webhook"; metadata values are strings, finite numbers or
   booleans. Newlines are normalized (``\\r\\n`` and ``\\r`` become ``\\n``) as the file loaders do.
-- A document's size is the UTF-8 bytes of its text, title, source and metadata (as JSON).
+- ``acl`` lists the groups that may see the document (app.access.GROUP_PATTERN; ``*`` is refused);
+  absent, null or ``[]``: public. Sending a document again with another acl changes who sees it, even
+  when its text is the same (docs/access-control.md).
+- A document's size is the UTF-8 bytes of its text, title, source, metadata (as JSON) and acl.
 - Every document gets ``created_at`` = the time of acceptance.
 """
 
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.json_body import MalformedJSON, loads_strict
 from ingestion.documents import Document, utc_now_iso
+from retrieval.acl import group_error
 
 MAX_ID_CHARS = 512
 DEFAULT_SOURCE = "webhook"
@@ -49,6 +53,7 @@ class _Document(BaseModel):
     title: str | None = None
     source: str | None = None
     metadata: dict[str, Any] | None = None  # values checked by _metadata_errors (clearer messages)
+    acl: list[str] | None = None  # groups checked by _acl_errors
 
 
 class _Body(BaseModel):
@@ -90,7 +95,8 @@ def parse_ingest_body(body: bytes, *, max_documents: int, max_document_bytes: in
     created_at = utc_now_iso()
     documents = [
         Document(document_id=d.document_id, text=_normalize_newlines(d.text), title=d.title or "",
-                 source=d.source or DEFAULT_SOURCE, metadata=dict(d.metadata or {}), created_at=created_at)
+                 source=d.source or DEFAULT_SOURCE, metadata=dict(d.metadata or {}), created_at=created_at,
+                 acl=tuple(d.acl or ()))
         for d in parsed.documents
     ]
     return IngestRequest(documents=documents, deletes=list(parsed.deletes))
@@ -204,6 +210,7 @@ def _semantic_errors(body: _Body) -> list[dict]:
         first.setdefault(doc_id, index)
         errors.extend(_error(index, doc_id, f"metadata.{key}", message)
                       for key, message in _metadata_errors(document.metadata or {}))
+        errors.extend(_acl_errors(index, doc_id, document.acl or []))
     for index, doc_id in enumerate(body.deletes):
         if not doc_id.strip() or len(doc_id) > MAX_ID_CHARS:
             errors.append(_error(None, None, f"deletes[{index}]",
@@ -223,11 +230,17 @@ def _metadata_errors(metadata: dict[str, Any]) -> list[tuple[str, str]]:
     return errors
 
 
+def _acl_errors(index: int, doc_id: str, acl: list[str]) -> list[dict]:
+    return [_error(index, doc_id, f"acl[{position}]", message)
+            for position, group in enumerate(acl) if (message := group_error(group))]
+
+
 def _size_errors(body: _Body, limit: int) -> list[dict]:
     errors = []
     for index, document in enumerate(body.documents):
         parts = {"text": document.text, "title": document.title or "", "source": document.source or "",
-                 "metadata": json.dumps(document.metadata or {}, ensure_ascii=False)}
+                 "metadata": json.dumps(document.metadata or {}, ensure_ascii=False),
+                 "acl": json.dumps(document.acl or [], ensure_ascii=False)}
         sizes = {name: len(value.encode("utf-8")) for name, value in parts.items()}
         total = sum(sizes.values())
         if total > limit:

@@ -29,6 +29,7 @@ from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_r
                                   relevance_signals, verdict)
 from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, PackedPrompt, pack_prompt
 from ingestion.ledger import Ledger
+from retrieval.acl import Groups, visible
 from retrieval.bm25 import Filters
 from retrieval.hybrid import HybridRetriever
 
@@ -121,15 +122,21 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
 
 
 def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int, question: str, top_k: int, *,
-                     filters: Filters | None = None, alpha: float | None = None) -> list[ContextChunk]:
-    """The top chunks as prompt context, best first (hits whose chunk left the ledger are dropped)."""
-    hits = retriever.search(question, top_k, filters=filters, alpha=alpha)
+                     filters: Filters | None = None, alpha: float | None = None,
+                     groups: Groups = None) -> list[ContextChunk]:
+    """The top chunks `groups` may see (None: every chunk; retrieval/acl.py) as prompt context, best first.
+
+    Both indexes filter by `groups` before fusion. Each hit is checked again against its ledger row, the
+    source of truth: a hit whose chunk left the ledger, or whose acl there no longer admits `groups` (an
+    index behind its ledger for a moment, while a job runs), is dropped.
+    """
+    hits = retriever.search(question, top_k, filters=filters, alpha=alpha, groups=groups)
     rows = ledger.get_chunks(generation, [h.chunk_id for h in hits])
     return [
         ContextChunk(text=rows[h.chunk_id].text, chunk_id=h.chunk_id, document_id=rows[h.chunk_id].document_id,
                      section=rows[h.chunk_id].section, source=rows[h.chunk_id].source, score=h.score,
                      dense_score=h.dense_score, bm25_score=h.bm25_score)
-        for h in hits if h.chunk_id in rows
+        for h in hits if h.chunk_id in rows and visible(rows[h.chunk_id].acl, groups)
     ]
 
 
@@ -138,12 +145,14 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
                     timeout_s: float | None = None, filters: Filters | None = None,
                     alpha: float | None = None, unsupported: UnsupportedPolicy = "abstain",
                     scorer: Any = None, on_text: Callable[[str], None] | None = None,
-                    cancel: threading.Event | None = None) -> Answer:
+                    cancel: threading.Event | None = None, groups: Groups = None) -> Answer:
+    """`groups`: the caller's (app.access.Caller.groups); only chunks they may see are retrieved, given to
+    the generator and cited."""
     with tracer.start_as_current_span("rag.answer") as span:
         started = time.perf_counter()
         with tracer.start_as_current_span("retrieve") as retrieve_span:
             context = retrieve_context(retriever, ledger, generation, question, top_k, filters=filters,
-                                       alpha=alpha)
+                                       alpha=alpha, groups=groups)
             retrieve_span.set_attributes({"rag.index_generation": generation, "rag.top_k": top_k,
                                           "rag.chunks_found": len(context), "rag.filtered": bool(filters)})
         retrieved = time.perf_counter()

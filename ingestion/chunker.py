@@ -255,6 +255,7 @@ def _make_chunk(document: Document, index: int, text: str, section: str, embedde
         created_at=document.created_at,
         source=document.source,
         content_hash=content_hash(text),
+        acl=document.acl,
     )
 
 

@@ -1,10 +1,17 @@
-"""The two records that flow through ingestion: a source document and the chunks cut from it."""
+"""The two records that flow through ingestion: a source document and the chunks cut from it.
+
+A document's ``acl`` (groups that may see it; empty: public, retrieval/acl.py) is copied to each of
+its chunks and stored with them in the ledger and both indexes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
+
+from retrieval.acl import bm25_acl, chroma_acl, normalize_acl
 
 MetadataValue = str | int | float | bool
 
@@ -28,12 +35,18 @@ class Document:
     # so the chunker finds sections the same way for both.
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
     created_at: str = field(default_factory=utc_now_iso)
+    acl: tuple[str, ...] = ()  # groups that may see it, sorted and unique; () is public
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "acl", normalize_acl(self.acl))  # ValueError naming a bad group
 
     @property
     def content_hash(self) -> str:
-        """Hash of everything that changes the chunks: title, text and metadata."""
+        """Hash of everything that changes the chunks: title, text, metadata and acl. A public document's
+        hash leaves the acl out, so ledgers written before ACLs existed still match their documents."""
         meta = "\x1f".join(f"{k}={self.metadata[k]!r}" for k in sorted(self.metadata))
-        return content_hash(f"{self.title}\x1e{self.text}\x1e{self.source}\x1e{meta}")
+        acl = f"\x1eacl={bm25_acl(self.acl)}" if self.acl else ""
+        return content_hash(f"{self.title}\x1e{self.text}\x1e{self.source}\x1e{meta}{acl}")
 
 
 @dataclass(frozen=True)
@@ -47,9 +60,11 @@ class Chunk:
     created_at: str
     source: str
     content_hash: str
+    acl: tuple[str, ...] = ()  # its document's
 
-    def metadata(self) -> dict[str, MetadataValue]:
-        """Flat metadata as stored next to the vector (Chroma accepts str/int/float/bool only)."""
+    def metadata(self) -> dict[str, Any]:
+        """Metadata as stored next to the vector: str/int/float/bool values and the acl list
+        (retrieval.acl.chroma_acl)."""
         return {
             "document_id": self.document_id,
             "section": self.section,
@@ -58,6 +73,7 @@ class Chunk:
             "created_at": self.created_at,
             "source": self.source,
             "content_hash": self.content_hash,
+            "acl": chroma_acl(self.acl),
         }
 
 

@@ -5,7 +5,8 @@ Order of writes, chosen so that a crash at any point leaves a state ``reconcile`
 2. one ledger transaction records the documents and swaps their chunk rows (new rows in, old rows out);
 3. the old chunks' vectors are deleted from Chroma;
 4. the BM25 index is rebuilt from the ledger and switched in atomically.
-A changed document's new chunks are therefore searchable before its old ones disappear.
+A changed document's new chunks are therefore searchable before its old ones disappear. A document whose
+acl changed keeps the chunks whose text is unchanged: step 1 updates their acl in Chroma instead.
 ``reconcile`` makes Chroma and BM25 hold exactly the ledger's chunk ids (deleting orphans, embedding
 what is missing, rebuilding BM25), and is run at start-up and after any interrupted job.
 
@@ -33,6 +34,7 @@ import numpy as np
 from ingestion.documents import Chunk, Document
 from ingestion.ledger import GenerationRow, Ledger
 from ingestion.storage_errors import raise_if_full, require_free
+from retrieval.acl import bm25_acl
 from retrieval.bm25 import BM25Index
 from retrieval.dense import DenseIndex
 
@@ -76,6 +78,13 @@ def write_chunks(ledger: Ledger, generation: int, dense: DenseIndex, embedder: P
     if fresh:
         vectors = embedder.embed_passages([c.text for c in fresh], on_batch=on_embedded)
         dense.upsert([c.chunk_id for c in fresh], vectors, [c.metadata() for c in fresh])
+    # A chunk kept by id (same document, position and text) whose document's acl changed: its vector
+    # stays, its stored acl must follow, as the ledger's rows do below.
+    kept = [c for chunks, _ in planned for c in chunks if c.chunk_id in existing]
+    stored = ledger.get_chunks(generation, [c.chunk_id for c in kept]) if kept else {}
+    regranted = [c for c in kept if c.chunk_id in stored and stored[c.chunk_id].acl != c.acl]
+    if regranted:
+        dense.update_metadata([c.chunk_id for c in regranted], [c.metadata() for c in regranted])
     with ledger.transaction() as db:
         record(db, len(fresh), sum(map(len, gone)))
         for (chunks, _), removed in zip(planned, gone):
@@ -143,7 +152,8 @@ class Indexer:
                 counts.add(self._delete(deletes[begin:end], done=len(documents) + end, checkpoint=checkpoint))
             if progress:
                 progress(len(documents) + end, total)
-        if rebuild_bm25 and (counts.chunks_written or counts.chunks_removed or self._bm25_missing()):
+        changed = counts.added or counts.updated or counts.deleted or counts.chunks_written or counts.chunks_removed
+        if rebuild_bm25 and (changed or self._bm25_missing()):  # an acl change alone writes no chunk
             self.rebuild_bm25()
         return counts
 
@@ -241,15 +251,16 @@ class Indexer:
             return self._rebuild_bm25(show_progress)
 
     def _rebuild_bm25(self, show_progress: bool) -> BM25Index:
-        ids, texts, document_ids, sources, sections = [], [], [], [], []
+        ids, texts, document_ids, sources, sections, acls = [], [], [], [], [], []
         for chunk in self.ledger.iter_chunks(self.generation.generation):
             ids.append(chunk.chunk_id)
             texts.append(bm25_text(chunk))
             document_ids.append(chunk.document_id)
             sources.append(chunk.source)
             sections.append(chunk.section)
+            acls.append(bm25_acl(chunk.acl))
         index = BM25Index.build(ids, texts, {"document_id": document_ids, "source": sources, "section": sections},
-                                language=self.bm25_language, show_progress=show_progress)
+                                acl=acls, language=self.bm25_language, show_progress=show_progress)
         index.save(self.bm25_root)
         if self.on_bm25_rebuilt:
             self.on_bm25_rebuilt(index)
@@ -274,7 +285,8 @@ class Indexer:
         rebuilt = False
         if bm25:
             index = BM25Index.load(self.bm25_root, language=self.bm25_language)
-            rebuilt = index is None or set(index.ids.tolist()) != wanted
+            # ids and acls: a job stopped between its ledger step and the BM25 rebuild may have changed acls only
+            rebuilt = index is None or dict(zip(index.ids.tolist(), index.acl.tolist())) != self.ledger.chunk_acls(gen)
             if rebuilt:
                 self._rebuild_bm25(False)
         report = {"orphans_removed": len(orphans), "missing_embedded": len(missing), "bm25_rebuilt": int(rebuilt)}

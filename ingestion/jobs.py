@@ -32,7 +32,7 @@ def ingest_payload(documents: Sequence[Document], deletes: Sequence[str]) -> dic
     return {
         "documents": [
             {"document_id": d.document_id, "text": d.text, "title": d.title, "source": d.source,
-             "metadata": d.metadata, "created_at": d.created_at}
+             "metadata": d.metadata, "created_at": d.created_at, "acl": list(d.acl)}
             for d in documents
         ],
         "deletes": list(deletes),

@@ -13,6 +13,10 @@ Decisions:
   (default: a logged warning). An unsupported file named directly is a LoaderError.
 - JSONL keys beyond the known ones: str/int/float/bool values go into ``metadata`` (a key that is also
   in ``metadata`` is an error), null values are dropped, lists and objects are an error.
+- Access control (docs/access-control.md): a document's ``acl`` is, first found: a JSONL line's ``acl``
+  (a list of groups; ``[]`` is public), the nearest ``.acl`` file in the file's folder or any folder
+  above it (one group per line, ``#`` comments; an empty file is public), the ``acl`` given to the
+  loader (``rag ingest --acl``), else public. A bad group is a LoaderError naming the file and line.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 from ingestion.chunker import ATX_HEADING, FENCE_OPEN, fence_state
 from ingestion.documents import Document, MetadataValue
+from retrieval.acl import group_error, normalize_acl
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +40,8 @@ MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
 SUPPORTED_SUFFIXES = MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".txt", ".pdf", ".jsonl"}
 
-JSONL_KNOWN_KEYS = {"document_id", "_id", "text", "title", "source", "metadata", "created_at"}
+JSONL_KNOWN_KEYS = {"document_id", "_id", "text", "title", "source", "metadata", "created_at", "acl"}
+ACL_FILE = ".acl"
 
 SkipHandler = Callable[[Path, str], None]
 
@@ -44,18 +50,22 @@ class LoaderError(ValueError):
     """A file (or one JSONL line) that cannot become a Document; the message names the place."""
 
 
-def iter_documents(paths: Sequence[Path], *, on_skip: SkipHandler | None = None) -> Iterator[Document]:
-    """Documents from files and folders, lazily. Raises LoaderError at the first bad input."""
-    for document, _place in _iter_located(paths, on_skip):
+def iter_documents(paths: Sequence[Path], *, on_skip: SkipHandler | None = None,
+                   acl: Sequence[str] = ()) -> Iterator[Document]:
+    """Documents from files and folders, lazily. Raises LoaderError at the first bad input.
+    `acl`: the groups of documents that no ``.acl`` file or JSONL ``acl`` gives groups to."""
+    for document, _place in _iter_located(paths, on_skip, _AclDefaults(acl)):
         yield document
 
 
-def load_documents(paths: Sequence[Path], *, on_skip: SkipHandler | None = None) -> list[Document]:
+def load_documents(paths: Sequence[Path], *, on_skip: SkipHandler | None = None,
+                   acl: Sequence[str] = ()) -> list[Document]:
     """Every document, read and validated before returning: a bad file or a duplicate id raises
-    LoaderError and nothing is returned, so an ingest either takes all of its input or none."""
+    LoaderError and nothing is returned, so an ingest either takes all of its input or none.
+    `acl` as for iter_documents."""
     documents: list[Document] = []
     seen: dict[str, str] = {}  # document_id -> place it came from
-    for document, place in _iter_located(paths, on_skip):
+    for document, place in _iter_located(paths, on_skip, _AclDefaults(acl)):
         if document.document_id in seen:
             raise LoaderError(
                 f"duplicate document_id {document.document_id!r}: {seen[document.document_id]} and {place}"
@@ -98,7 +108,45 @@ def html_to_markdown(html: str) -> tuple[str, str]:
 # --- walking the inputs ------------------------------------------------------------------------
 
 
-def _iter_located(paths: Sequence[Path], on_skip: SkipHandler | None) -> Iterator[tuple[Document, str]]:
+class _AclDefaults:
+    """The acl of a file's documents from the nearest ``.acl`` file at or above its folder, else the
+    loader's default; each folder is looked at once."""
+
+    def __init__(self, default: Sequence[str]) -> None:
+        try:
+            self.default = normalize_acl(default)
+        except ValueError as exc:
+            raise LoaderError(f"--acl: {exc}") from None
+        self._folders: dict[Path, tuple[str, ...]] = {}
+
+    def for_file(self, path: Path) -> tuple[str, ...]:
+        return self._folder(path.resolve().parent)
+
+    def _folder(self, folder: Path) -> tuple[str, ...]:
+        if folder not in self._folders:
+            file = folder / ACL_FILE
+            if file.is_file():
+                self._folders[folder] = _read_acl_file(file)
+            else:
+                self._folders[folder] = self.default if folder.parent == folder else self._folder(folder.parent)
+        return self._folders[folder]
+
+
+def _read_acl_file(path: Path) -> tuple[str, ...]:
+    groups = []
+    for number, line in enumerate(_normalize_newlines(_read_utf8(path)).split("\n"), start=1):
+        group = line.split("#", 1)[0].strip()
+        if not group:
+            continue
+        error = group_error(group)
+        if error:
+            raise LoaderError(f"{path}:{number}: {error}")
+        groups.append(group)
+    return normalize_acl(groups)
+
+
+def _iter_located(paths: Sequence[Path], on_skip: SkipHandler | None,
+                  acls: _AclDefaults) -> Iterator[tuple[Document, str]]:
     """(document, place) pairs; place is "file" or "file:line", used in error messages."""
     skip = on_skip or _log_skip
     for given in paths:
@@ -108,14 +156,14 @@ def _iter_located(paths: Sequence[Path], on_skip: SkipHandler | None) -> Iterato
                 if file.suffix.lower() not in SUPPORTED_SUFFIXES:
                     skip(file, f"unsupported extension {file.suffix or '(none)'!r}")
                     continue
-                yield from _load_file(file, rel, skip)
+                yield from _load_file(file, rel, skip, acls.for_file(file))
         elif path.is_file():
             if path.suffix.lower() not in SUPPORTED_SUFFIXES:
                 raise LoaderError(
                     f"{path}: unsupported extension {path.suffix or '(none)'!r}; "
                     f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
                 )
-            yield from _load_file(path, path.name, skip)
+            yield from _load_file(path, path.name, skip, acls.for_file(path))
         else:
             raise LoaderError(f"{path}: no such file or folder")
 
@@ -134,10 +182,11 @@ def _walk_folder(root: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _load_file(path: Path, document_id: str, skip: SkipHandler) -> Iterator[tuple[Document, str]]:
+def _load_file(path: Path, document_id: str, skip: SkipHandler,
+               acl: tuple[str, ...]) -> Iterator[tuple[Document, str]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _load_jsonl(path)
+        yield from _load_jsonl(path, acl)
         return
     if suffix == ".pdf":
         title, text, metadata = _read_pdf(path)
@@ -161,6 +210,7 @@ def _load_file(path: Path, document_id: str, skip: SkipHandler) -> Iterator[tupl
         source=str(path),
         metadata=metadata,
         created_at=_mtime_iso(path),
+        acl=acl,
     )
     yield document, str(path)
 
@@ -286,7 +336,7 @@ def _escape_markdown_line(line: str) -> str:
 # --- JSONL -------------------------------------------------------------------------------------
 
 
-def _load_jsonl(path: Path) -> Iterator[tuple[Document, str]]:
+def _load_jsonl(path: Path, default_acl: tuple[str, ...]) -> Iterator[tuple[Document, str]]:
     default_created_at = _mtime_iso(path)
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -304,13 +354,14 @@ def _load_jsonl(path: Path) -> Iterator[tuple[Document, str]]:
             if not isinstance(record, dict):
                 raise LoaderError(f"{place}: expected a JSON object, got {type(record).__name__}")
             try:
-                document = _record_to_document(record, str(path), default_created_at)
+                document = _record_to_document(record, str(path), default_created_at, default_acl)
             except ValueError as exc:
                 raise LoaderError(f"{place}: {exc}") from None
             yield document, place
 
 
-def _record_to_document(record: dict[str, object], default_source: str, default_created_at: str) -> Document:
+def _record_to_document(record: dict[str, object], default_source: str, default_created_at: str,
+                        default_acl: tuple[str, ...] = ()) -> Document:
     if "document_id" in record and "_id" in record:
         raise ValueError("both 'document_id' and '_id' given; use one")
     id_key = "_id" if "_id" in record else "document_id"
@@ -344,7 +395,16 @@ def _record_to_document(record: dict[str, object], default_source: str, default_
         source=source,
         metadata=metadata,
         created_at=created_at,
+        acl=_acl(record.get("acl"), default_acl),
     )
+
+
+def _acl(given: object, default: tuple[str, ...]) -> tuple[str, ...]:
+    if given is None:
+        return default
+    if not isinstance(given, list):
+        raise ValueError(f"'acl' must be a list of group names, got {type(given).__name__}")
+    return normalize_acl(given)  # ValueError "acl[i]: ..." naming the bad group
 
 
 def _required_string(record: dict[str, object], key: str) -> str:

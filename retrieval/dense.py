@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from retrieval.acl import Groups, chroma_acl_where
 from retrieval.bm25 import Filters
 
 
@@ -113,11 +114,15 @@ def reclaim_disk(path: Path) -> list[str]:
     return removed
 
 
-def chroma_where(filters: Filters | None) -> dict[str, Any] | None:
-    """Equality filters (a list means any of) as a Chroma `where` clause."""
-    if not filters:
+def chroma_where(filters: Filters | None, groups: Groups = None) -> dict[str, Any] | None:
+    """Equality filters (a list means any of) and what `groups` may see (retrieval/acl.py) as a Chroma
+    `where` clause; None when nothing is filtered."""
+    clauses = [{field: {"$in": list(values)}} for field, values in (filters or {}).items()]
+    visible = chroma_acl_where(groups)
+    if visible is not None:
+        clauses.append(visible)
+    if not clauses:
         return None
-    clauses = [{field: {"$in": list(values)}} for field, values in filters.items()]
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
 
@@ -175,10 +180,21 @@ class DenseIndex:
             yield from page["ids"]
             offset += len(page["ids"])
 
-    def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[tuple[str, float]]:
+    def update_metadata(self, ids: Sequence[str], metadatas: Sequence[Mapping[str, Any]],
+                        batch_size: int = 2000) -> None:
+        """New metadata for vectors already stored (Chroma merges it key by key into what is there)."""
+        with server_errors(self._client):
+            for start in range(0, len(ids), batch_size):
+                stop = start + batch_size
+                self.collection.update(ids=list(ids[start:stop]), metadatas=[dict(m) for m in metadatas[start:stop]])
+
+    def search(self, vector: np.ndarray, k: int, filters: Filters | None = None,
+               groups: Groups = None) -> list[tuple[str, float]]:
+        """The `k` nearest chunks passing `filters` that `groups` may see: Chroma filters before its
+        nearest-neighbour search, so k is filled from visible chunks."""
         if k <= 0:
             return []
         with server_errors(self._client):
             result = self.collection.query(query_embeddings=vector.reshape(1, -1), n_results=k,
-                                           where=chroma_where(filters), include=["distances"])
+                                           where=chroma_where(filters, groups), include=["distances"])
         return [(cid, 1.0 - float(d)) for cid, d in zip(result["ids"][0], result["distances"][0])]

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from retrieval.acl import Groups
 from retrieval.bm25 import FILTER_FIELDS, BM25Index, Filters
 from retrieval.dense import DenseIndex
 from retrieval.fusion import FusionMethod, fuse
@@ -98,15 +99,16 @@ class HybridRetriever:
 
     def search(self, question: str, top_k: int, *, filters: Filters | None = None, alpha: float | None = None,
                fusion: FusionMethod | None = None, method: Method = "hybrid",
-               query_vector: np.ndarray | None = None) -> list[Hit]:
-        """The best `top_k` chunks for `question`, best first; filters apply to both retrievers."""
+               query_vector: np.ndarray | None = None, groups: Groups = None) -> list[Hit]:
+        """The best `top_k` chunks for `question`, best first. Filters and the caller's `groups` (None: sees
+        every document; retrieval/acl.py) apply inside both retrievers, before fusion."""
         _check_filters(filters)
         depth = max(self.candidates, top_k)
-        lexical = self.bm25.search(question, depth, filters) if method in ("hybrid", "bm25") else []
+        lexical = self.bm25.search(question, depth, filters, groups) if method in ("hybrid", "bm25") else []
         dense: list[tuple[str, float]] = []
         if method in ("hybrid", "dense"):
             vector = query_vector if query_vector is not None else self.embed_query(question)
-            dense = self.dense.search(vector, depth, filters)
+            dense = self.dense.search(vector, depth, filters, groups)
         if method == "bm25":
             return [Hit(cid, s, bm25_score=s) for cid, s in lexical[:top_k]]
         if method == "dense":

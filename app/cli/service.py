@@ -11,7 +11,7 @@ import typer
 from app.cli.common import DEMO_CORPUS, cli_audit, fail, is_loopback, load_settings, running_service
 from app.settings import Settings
 
-def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
+def ingest_paths(settings: Settings, paths: list[Path], acl: tuple[str, ...] = ()) -> dict:
     """Load every file first (a bad file or line stops everything before a write), then index."""
     from tqdm import tqdm
 
@@ -22,7 +22,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     from ingestion.storage_errors import StorageFull, disk_full
 
     try:
-        documents = load_documents(paths)
+        documents = load_documents(paths, acl=acl)
     except LoaderError as exc:
         fail(str(exc))
     if not documents:
@@ -56,7 +56,12 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> dict:
     return counts.as_dict()
 
 
-def ingest(paths: Annotated[list[Path], typer.Argument(help="Files or folders: .txt .md .html .pdf .jsonl")]) -> None:
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders: .txt .md .html .pdf .jsonl")],
+    acl: Annotated[Optional[list[str]], typer.Option(
+        "--acl", help="A group that may see these documents (repeat for several); a folder's .acl file and a "
+                      "JSONL line's acl take precedence. Default: public. See docs/access-control.md.")] = None,
+) -> None:
     """Chunk, embed and index documents into the live index generation."""
     from ingestion.ledger import DataDirLocked
 
@@ -65,7 +70,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="Files or folders: .
         if not path.exists():
             fail(f"{path}: no such file or folder")
     try:
-        counts = ingest_paths(settings, paths)
+        counts = ingest_paths(settings, paths, tuple(acl or ()))
     except DataDirLocked as exc:
         fail(str(exc))
     typer.echo(json.dumps(counts))
@@ -98,12 +103,16 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON response.")] = False,
     local: Annotated[bool, typer.Option(help="Answer in this process even if a service is running.")] = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
+    groups: Annotated[Optional[str], typer.Option(
+        help="Answer in this process as a key with these groups would (comma-separated; \"\" for a key "
+             "without groups: public documents only). Without it, --local sees every document.")] = None,
 ) -> None:
     """Answer a question with citations (through the running service when there is one)."""
     settings = load_settings()
     body = {"question": question, **({"top_k": top_k} if top_k else {}),
             **({"alpha": alpha} if alpha is not None else {})}
-    client = None if local else running_service(settings)
+    caller_groups = None if groups is None else _groups(groups)
+    client = None if local or groups is not None else running_service(settings)
     show = (lambda text: typer.echo(text, nl=False)) if stream and not as_json else None
     if client is not None and stream:
         result = _streamed_query(client, body, show)
@@ -122,7 +131,7 @@ def query(
             generation=services.generation.generation, generator=services.generator,
             provenance=services.provenance(), top_k=top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s, alpha=alpha,
-            unsupported=settings.unsupported, scorer=services.reranker, on_text=show,
+            unsupported=settings.unsupported, scorer=services.reranker, on_text=show, groups=caller_groups,
         )
         from app.audit import query_details
         from app.schemas import QueryResponse
@@ -150,6 +159,18 @@ def query(
         mark = "*" if c["ref"] in result.get("cited", []) else " "
         typer.echo(f" {mark}[{c['ref']}] {where}  (score {c['score']:.3f}, relevance {c.get('relevance', 0):.2f})")
     typer.echo(f"\n{json.dumps(result['timings_ms'])}")
+
+
+def _groups(text: str) -> frozenset[str] | None:
+    """--groups as a Caller's groups: "*" sees everything (None), as in the keys file."""
+    from app.access import SEES_ALL, GROUP_PATTERN
+    import re
+
+    groups = frozenset(g.strip() for g in text.split(",") if g.strip())
+    bad = sorted(g for g in groups if not re.match(GROUP_PATTERN, g))
+    if bad:
+        fail(f"--groups: invalid group {bad[0]!r}: use 1-128 letters, digits or _ . : @ * -")
+    return None if SEES_ALL in groups else groups
 
 
 def _streamed_query(client, body: dict, show) -> dict:

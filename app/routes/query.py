@@ -106,7 +106,8 @@ async def _query(body: QueryRequest, request: Request, caller: QueryCaller, serv
             generator=generator, provenance=services.provenance(generator, live), top_k=body.top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s,
             filters=body.filters.as_dict() if body.filters else None, alpha=body.alpha,
-            unsupported=settings.unsupported, scorer=services.reranker, on_text=on_text, cancel=cancel)
+            unsupported=settings.unsupported, scorer=services.reranker, on_text=on_text, cancel=cancel,
+            groups=caller.groups)
 
     metrics = request.app.state.metrics
     admission = AsyncExitStack()

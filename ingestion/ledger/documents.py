@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from ingestion.documents import Chunk, Document, utc_now_iso
+from retrieval.acl import bm25_acl
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,17 @@ class DocumentsMixin(_Base):
         row = db.execute("SELECT version FROM documents WHERE document_id = ?", (document.document_id,)).fetchone()
         version = (row["version"] + 1) if row else 1
         db.execute(
-            """INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'live', ?)
+            """INSERT INTO documents (document_id, title, text, source, metadata_json, created_at, content_hash,
+                                      version, state, updated_at, acl_json)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'live', ?, ?)
                ON CONFLICT(document_id) DO UPDATE SET title = excluded.title, text = excluded.text,
                  source = excluded.source, metadata_json = excluded.metadata_json,
                  created_at = excluded.created_at, content_hash = excluded.content_hash,
-                 version = excluded.version, state = 'live', updated_at = excluded.updated_at""",
+                 version = excluded.version, state = 'live', updated_at = excluded.updated_at,
+                 acl_json = excluded.acl_json""",
             (document.document_id, document.title, document.text, document.source,
              json.dumps(document.metadata, sort_keys=True), document.created_at, document.content_hash,
-             version, utc_now_iso()),
+             version, utc_now_iso(), json.dumps(list(document.acl))),
         )
         return version
 
@@ -83,9 +87,10 @@ class DocumentsMixin(_Base):
     # --- chunks --------------------------------------------------------------------------------
     def insert_chunks(self, db: sqlite3.Connection, generation: int, chunks: Iterable[Chunk]) -> None:
         db.executemany(
-            "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO chunks (generation, chunk_id, document_id, chunk_index, section, text, "
+            "chunk_size_tokens, created_at, source, content_hash, acl_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(generation, c.chunk_id, c.document_id, c.chunk_index, c.section, c.text, c.chunk_size_tokens,
-              c.created_at, c.source, c.content_hash) for c in chunks],
+              c.created_at, c.source, c.content_hash, json.dumps(list(c.acl))) for c in chunks],
         )
 
     def delete_chunks(self, db: sqlite3.Connection, generation: int, chunk_ids: Iterable[str]) -> None:
@@ -101,6 +106,11 @@ class DocumentsMixin(_Base):
 
     def chunk_ids(self, generation: int) -> set[str]:
         return {r["chunk_id"] for r in self._query("SELECT chunk_id FROM chunks WHERE generation = ?", (generation,))}
+
+    def chunk_acls(self, generation: int) -> dict[str, str]:
+        """Every chunk id of a generation with its acl as the BM25 index stores it (retrieval.acl.bm25_acl)."""
+        rows = self._query("SELECT chunk_id, acl_json FROM chunks WHERE generation = ?", (generation,))
+        return {r["chunk_id"]: bm25_acl(json.loads(r["acl_json"])) for r in rows}
 
     def count_chunks(self, generation: int) -> int:
         return cast(int, self._query("SELECT COUNT(*) AS n FROM chunks WHERE generation = ?", (generation,))[0]["n"])
@@ -137,13 +147,14 @@ def _chunk(row: sqlite3.Row) -> Chunk:
         chunk_id=row["chunk_id"], document_id=row["document_id"], text=row["text"], section=row["section"],
         chunk_index=row["chunk_index"], chunk_size_tokens=row["chunk_size_tokens"],
         created_at=row["created_at"], source=row["source"], content_hash=row["content_hash"],
+        acl=tuple(json.loads(row["acl_json"])),
     )
 
 
 def document_row(row: sqlite3.Row) -> DocumentRow:
     document = Document(
         document_id=row["document_id"], text=row["text"], title=row["title"], source=row["source"],
-        metadata=json.loads(row["metadata_json"]), created_at=row["created_at"],
+        metadata=json.loads(row["metadata_json"]), created_at=row["created_at"], acl=tuple(json.loads(row["acl_json"])),
     )
     return DocumentRow(document=document, content_hash=row["content_hash"], version=row["version"], state=row["state"])
 

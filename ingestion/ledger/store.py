@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS documents (
     content_hash  TEXT NOT NULL,
     version       INTEGER NOT NULL,
     state         TEXT NOT NULL CHECK (state IN ('live', 'deleted')),
-    updated_at    TEXT NOT NULL
+    updated_at    TEXT NOT NULL,
+    acl_json      TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS chunks (
     generation        INTEGER NOT NULL,
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     created_at        TEXT NOT NULL,
     source            TEXT NOT NULL,
     content_hash      TEXT NOT NULL,
+    acl_json          TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (generation, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (generation, document_id);
@@ -74,6 +76,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at    REAL NOT NULL
 );
 """
+# Columns added after a table's first release: (table, column, definition). A ledger written before
+# gets them at open (existing rows take the default), so it keeps working unchanged.
+MIGRATIONS = (
+    ("documents", "acl_json", "TEXT NOT NULL DEFAULT '[]'"),  # document access control: every old row public
+    ("chunks", "acl_json", "TEXT NOT NULL DEFAULT '[]'"),
+)
 
 
 class DataDirLocked(RuntimeError):
@@ -120,6 +128,18 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        def missing(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return [(table, column, definition) for table, column, definition in MIGRATIONS
+                    if column not in {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}]
+
+        if not missing(self._db):
+            return
+        with self.transaction() as db:  # another process may have migrated meanwhile: look again inside
+            for table, column, definition in missing(db):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
