@@ -107,6 +107,11 @@ class IngestCounts:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    @property
+    def changed(self) -> bool:
+        """Whether any chunk row changed, so BM25 must be rebuilt: an acl change alone writes no chunk."""
+        return bool(self.added or self.updated or self.deleted or self.chunks_written or self.chunks_removed)
+
     def add(self, other: "IngestCounts") -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
@@ -152,8 +157,7 @@ class Indexer:
                 counts.add(self._delete(deletes[begin:end], done=len(documents) + end, checkpoint=checkpoint))
             if progress:
                 progress(len(documents) + end, total)
-        changed = counts.added or counts.updated or counts.deleted or counts.chunks_written or counts.chunks_removed
-        if rebuild_bm25 and (changed or self._bm25_missing()):  # an acl change alone writes no chunk
+        if rebuild_bm25 and (counts.changed or self._bm25_missing()):
             self.rebuild_bm25()
         return counts
 

@@ -69,7 +69,7 @@ def run_ingest_job(ledger: Ledger, job: JobRow, indexer: Indexer, *, should_stop
 
     indexer.apply(documents, deletes, start=start, checkpoint=checkpoint, progress=after_step, rebuild_bm25=False)
     # BM25 is rebuilt once per job; a resumed job rebuilds too (its earlier attempt may have died before)
-    if counts.chunks_written or counts.chunks_removed or job.progress.get("attempts", 1) > 1:
+    if counts.changed or job.progress.get("attempts", 1) > 1:
         indexer.rebuild_bm25()
     progress["phase"] = "done"
     ledger.set_job_progress(job.job_id, progress, counts.as_dict())
