@@ -233,3 +233,37 @@ def test_property_nothing_outside_the_callers_groups_reaches_the_answer(service,
             assert f"note{doc[-2:]}" not in response
     if len(asked) == 1 and f"note-{asked[0]:02d}" not in hidden:
         assert f"note-{asked[0]:02d}" in {c.document_id for c in hits}
+
+
+def test_rag_ingest_acl_and_rag_query_groups(tmp_path, embedder, demo_services, monkeypatch):
+    """`rag ingest --acl` restricts documents without an acl of their own; `rag query --groups` answers
+    in this process as a key with those groups would ("" : a key without groups)."""
+    import app.container
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from tests.app.conftest import REPO
+
+    lines = tmp_path / "notes.jsonl"
+    lines.write_text("".join(json.dumps({"document_id": d.document_id, "text": d.text, **extra}) + "\n"
+                             for d, extra in ((note(1), {}), (note(2), {"acl": []}))))
+    for name, value in {"RAG_DATA_DIR": str(tmp_path / "data"), "RAG_MODEL_CACHE_DIR": str(REPO / ".cache" / "models"),
+                        "RAG_MAX_NEW_TOKENS": "8"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(app.container, "build_embedder", lambda settings: embedder)
+    monkeypatch.setattr(app.container, "build_generator", lambda settings, **_: demo_services.generator)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ingest", str(lines), "--acl", "hr", "--acl", "legal"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["added"] == 2
+
+    def documents(groups: str) -> set[str]:
+        result = runner.invoke(cli, ["query", "What does memo note01 say?", "--groups", groups, "--json",
+                                     "--top-k", "2"])
+        assert result.exit_code == 0, result.output
+        return {c["document_id"] for c in json.loads(result.stdout)["citations"]}
+
+    assert documents("") == {"note-02"}
+    assert documents("sales, legal") == {"note-01", "note-02"} and documents("*") == {"note-01", "note-02"}
+    bad = runner.invoke(cli, ["query", "q", "--groups", "a b"])
+    assert bad.exit_code == 1 and "--groups: invalid group 'a b'" in bad.output
