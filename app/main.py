@@ -17,7 +17,8 @@ from app.access import KeyRing
 from app.body_limit import BodySizeLimit
 from app.container import Services, build_services
 from app.errors import install_error_handlers
-from app.routes import health, ingest, query, refresh
+from app.rate_limits import RateLimits
+from app.routes import docs, health, ingest, query, refresh
 from app.settings import Settings, get_settings
 from app.worker import start_scheduler, start_workers
 from ingestion.ledger import writer_lock
@@ -48,14 +49,19 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             log.info("serving generation %s", current.generation.generation)
             yield
 
-    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own /docs, /redoc and /openapi.json are off: app/routes/docs.py serves them behind a key
+    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.api_keys, settings.admin_api_keys, settings.keys_file)
+    app.state.rate_limits = RateLimits(settings.rate_limit_requests_per_minute,
+                                       settings.rate_limit_tokens_per_minute, settings.rate_limit_storage)
     install_error_handlers(app)
     app.include_router(query.router)
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(refresh.router)
+    app.include_router(docs.router)
 
     def body_limit_for(path: str) -> int:
         return settings.ingest_max_body_bytes if path == "/ingest" else settings.max_body_bytes

@@ -63,6 +63,7 @@ class Answer:
     citation_repair: str | None = None  # "attached" / "corrected" (generation/grounding.py)
     finish_reason: str | None = None  # the generator's ("stop", "length", "timeout", "cancelled"); None: not run
     generated: str | None = None  # what the generator wrote (citations cleaned), before the grounding decision
+    generated_tokens: int = 0  # tokens the generator produced (0: it did not run)
 
 
 @dataclass
@@ -151,4 +152,5 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
         removed_citations=decision.removed_citations,
         citation_repair=decision.citation_repair,
         finish_reason=grounded.result.finish_reason if grounded.result else None,
+        generated_tokens=grounded.result.n_new_tokens if grounded.result else 0,
     )

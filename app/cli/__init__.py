@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from app.cli import adapters, evaluate, evaluate_generation, refresh, service, train
+from app.cli import adapters, evaluate, evaluate_generation, keys, refresh, service, train
 
 cli = typer.Typer(help="Retrieval-augmented answers over your documents.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -19,6 +19,7 @@ evaluate_generation.register(evaluate.eval_app)  # rag eval generation, beside r
 evaluate.register(cli)
 train.register(cli)
 adapters.register(cli)
+keys.register(cli)  # rag keys create | list | revoke
 
 
 def main() -> None:

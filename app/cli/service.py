@@ -175,10 +175,11 @@ def serve(
              "loopback address")
     preflight(settings)
     from app.access import KeysFileError
+    from app.rate_limits import RateLimitStorageError
 
     try:
         app = create_app(settings)
-    except KeysFileError as exc:
+    except (KeysFileError, RateLimitStorageError) as exc:
         fail(str(exc))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
