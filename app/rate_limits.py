@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.errors import ConfigurationError, StorageError
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
@@ -53,8 +53,10 @@ class RateLimited(Exception):
 class RateLimits:
     """Admits and charges /query requests of each key against its budgets; safe across threads."""
 
-    def __init__(self, requests_per_minute: int, tokens_per_minute: int, storage_uri: str = "memory://") -> None:
+    def __init__(self, requests_per_minute: int, tokens_per_minute: int, storage_uri: str = "memory://",
+                 window_s: int = 60) -> None:
         self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
+        self.window_s = window_s  # a minute; tests shorten it
         try:
             storage = storage_from_string(storage_uri, wrap_exceptions=True)
         except (ConfigurationError, ValueError) as exc:
@@ -67,6 +69,9 @@ class RateLimits:
         # whole. Redis runs each as one script, so there it is not needed.
         self._lock: AbstractContextManager[object] = (
             threading.Lock() if isinstance(storage, MemoryStorage) else nullcontext())
+
+    def _item(self, amount: int) -> RateLimitItem:
+        return RateLimitItemPerSecond(amount, multiples=self.window_s, namespace=NAMESPACE)
 
     def limits_for(self, caller: Caller) -> tuple[int, int]:
         """(requests, tokens) per minute for this caller; 0: unlimited."""
@@ -84,13 +89,13 @@ class RateLimits:
         try:
             with self._lock:
                 if tokens:
-                    item = RateLimitItemPerMinute(tokens, namespace=NAMESPACE)
+                    item = self._item(tokens)
                     if not self._tokens.test(item, "tokens", key):
                         wait = _seconds_until(self._tokens.get_window_stats(item, "tokens", key).reset_time)
                         raise RateLimited("tokens", wait, f"rate limit: key {caller.name!r} has spent its {tokens} "
                                                           f"generated tokens per minute; retry in {wait} s")
                 if requests:
-                    item = RateLimitItemPerMinute(requests, namespace=NAMESPACE)
+                    item = self._item(requests)
                     if not self._requests.hit(item, "requests", key):
                         wait = _seconds_until(self._requests.get_window_stats(item, "requests", key).reset_time)
                         raise RateLimited("requests", wait, f"rate limit: key {caller.name!r} made its {requests} "
@@ -105,7 +110,7 @@ class RateLimits:
             return
         try:
             with self._lock:
-                self._tokens.hit(RateLimitItemPerMinute(tokens, namespace=NAMESPACE), "tokens", str(caller.key_id),
+                self._tokens.hit(self._item(tokens), "tokens", str(caller.key_id),
                                  cost=generated_tokens)
         except StorageError as exc:
             log.warning("rate limit storage failed, %d tokens not charged: %s", generated_tokens, exc)

@@ -179,6 +179,9 @@ class Settings(BaseSettings):
                                           "(the full /health body), docs (/docs, /redoc and /openapi.json), "
                                           "openapi (/openapi.json). Unset: only the {\"status\": \"ok\"} liveness "
                                           "answer of /health.")
+    client_api_key: str | None = Field(
+        None, description="The key `rag` commands present to a running service (rag query, rag refresh); unset: "
+                          "the first RAG_ADMIN_API_KEYS key, else the first RAG_API_KEYS key.")
 
     @field_validator("public_routes", mode="before")
     @classmethod
