@@ -1,7 +1,7 @@
 """Rate limits under load: three keys against one real server for a fixed time, over HTTP.
 
 - ``limited``: 4 clients on a key allowed ``requests_per_minute`` (default 2), asking without pause;
-- ``thrifty``: 1 client on a key allowed ``tokens_per_minute`` (default 120 generated tokens);
+- ``thrifty``: 1 client on a key allowed ``tokens_per_minute`` (default 4 generated tokens: spent by one short answer);
 - ``steady``: 1 client on a key with the defaults (60 requests, 20,000 tokens a minute), one question at a time.
 
 A client told 429 waits its Retry-After (capped at 2 s, so the pressure stays on) and asks again.
@@ -77,8 +77,8 @@ def max_in_any_minute(times: list[float]) -> int:
     return max((sum(1 for u in times if t <= u < t + 60) for t in times), default=0)
 
 
-def report(results: list[dict], duration_s: float, limits: dict[str, dict],
-           clients: dict[str, int]) -> tuple[str, bool]:
+def report(results: list[dict], duration_s: float, limits: dict[str, dict], clients: dict[str, int],
+           max_new_tokens: int) -> tuple[str, bool]:
     rows, passed = [], True
     for name, per_key in limits.items():
         mine = [r for r in results if r["key"] == name]
@@ -107,8 +107,9 @@ def report(results: list[dict], duration_s: float, limits: dict[str, dict],
         *rows,
         "",
         "Pass: the key within its limits gets only 200s while the others are refused; every 429 carries "
-        "Retry-After and names its limit; no 5xx. One generation slot and a queue of 4 (the defaults), "
-        "RAG_QUEUE_WAIT_S raised so that admitted requests wait their turn instead of a 503.",
+        "Retry-After and names its limit; no 5xx. One generation slot and a queue of 4 (the defaults); "
+        f"RAG_MAX_NEW_TOKENS {max_new_tokens}, and RAG_QUEUE_WAIT_S raised so that admitted requests wait "
+        "their turn instead of a 503.",
     ])
     return body, passed
 
@@ -117,9 +118,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--requests-per-minute", type=int, default=2, help="the limited key's limit")
-    parser.add_argument("--tokens-per-minute", type=int, default=120, help="the thrifty key's limit")
+    parser.add_argument("--tokens-per-minute", type=int, default=4, help="the thrifty key's limit")
     parser.add_argument("--queue-wait", type=float, default=120.0,
                         help="RAG_QUEUE_WAIT_S: how long admitted requests wait for the slot")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="RAG_MAX_NEW_TOKENS: shorter answers, so that each key gets several in a short run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     named = keys(args.requests_per_minute, args.tokens_per_minute)
@@ -129,10 +132,11 @@ def main() -> None:
         write_keys_file(keys_file, [KeyEntry(name=name, sha256=key_digest(key), scopes=["query"], **per_key)
                                     for name, (key, per_key) in named.items()])
         with served(Path(tmp) / "data", RAG_KEYS_FILE=str(keys_file), RAG_REFRESH_CRON="",
-                    RAG_QUEUE_WAIT_S=str(args.queue_wait)) as url:
+                    RAG_QUEUE_WAIT_S=str(args.queue_wait), RAG_MAX_NEW_TOKENS=str(args.max_new_tokens)) as url:
             results = asyncio.run(run(url, args.duration, {n: (named[n][0], clients[n]) for n in named}))
     limits = {name: per_key for name, (_, per_key) in named.items()}
-    finish("rate-limits", *report(results, args.duration, limits, clients), write=not args.no_write)
+    finish("rate-limits", *report(results, args.duration, limits, clients, args.max_new_tokens),
+           write=not args.no_write)
 
 
 if __name__ == "__main__":
