@@ -8,7 +8,7 @@ A key is known by the sha256 of its text; the keys file never holds a key itself
         sha256: 9f86d081...          # sha256 hex of the key (`rag keys create` writes this entry)
         scopes: [query]               # query, ingest-status, admin
         groups: [support, public-docs]
-        requests_per_minute: 120      # optional per-key overrides of RAG_RATE_LIMIT_*
+        requests_per_minute: 120      # optional per-key overrides of RAG_RATE_LIMIT_* (0: unlimited)
         tokens_per_minute: 20000
 
 It is re-read when it changes (checked at most once a second), so keys rotate without a restart:
@@ -27,11 +27,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import os
+import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,6 +44,7 @@ from retrieval.acl import GROUP_PATTERN, SEES_ALL  # one definition for keys' gr
 
 Scope = Literal["query", "ingest-status", "admin"]
 ALL_SCOPES: frozenset[str] = frozenset({"query", "ingest-status", "admin"})
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,17 @@ class KeyEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = Field(min_length=1)
     groups: list[str] = Field(default_factory=list)
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=0)  # None: RAG_RATE_LIMIT_*; 0: unlimited
+    tokens_per_minute: int | None = Field(None, ge=0)
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: object) -> object:
+        return [] if value is None else value
 
     @field_validator("groups")
     @classmethod
     def _valid_groups(cls, value: list[str]) -> list[str]:
-        import re
-
         for group in value:
             if not re.match(GROUP_PATTERN, group):
                 raise ValueError(f"group {group!r}: use 1-128 letters, digits or _ . : @ * -")
@@ -88,6 +96,11 @@ class KeyEntry(BaseModel):
 class KeysFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keys: list[KeyEntry] = Field(default_factory=list)
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
 
 
 class KeysFileError(ValueError):
@@ -107,13 +120,43 @@ def read_keys_file(path: Path) -> list[KeyEntry]:
     try:
         entries = KeysFile.model_validate(data or {}).keys
     except ValidationError as exc:
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        where = "; ".join(f"{_field_path(data, e['loc'])}: {e['msg']}" for e in exc.errors())
         raise KeysFileError(f"RAG_KEYS_FILE {path}: {where}") from None
-    names = [entry.name for entry in entries]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise KeysFileError(f"RAG_KEYS_FILE {path}: key names must be unique; repeated: {', '.join(duplicates)}")
+    for what, values in (("names", [e.name for e in entries]), ("sha256 values", [e.sha256 for e in entries])):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            shown = repeated if what == "names" else [v[:12] for v in repeated]
+            raise KeysFileError(f"RAG_KEYS_FILE {path}: key {what} must be unique; repeated: {', '.join(shown)}")
     return entries
+
+
+def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
+    """``keys[2] (support-bot).scopes.0`` for a pydantic error location in the keys file."""
+    if len(loc) >= 2 and loc[0] == "keys" and isinstance(loc[1], int):
+        entry = data["keys"][loc[1]] if isinstance(data, dict) and isinstance(data.get("keys"), list) else None
+        name = f" ({entry['name']})" if isinstance(entry, dict) and isinstance(entry.get("name"), str) else ""
+        return ".".join([f"keys[{loc[1]}]{name}", *(str(p) for p in loc[2:])])
+    return ".".join(str(p) for p in loc) or "top level"
+
+
+def write_keys_file(path: Path, entries: list[KeyEntry]) -> None:
+    """Write the keys file atomically (a temporary file in the same folder, then rename): a running service
+    re-reading it sees the old file or the new one, never half of one. YAML unless the name ends in .json."""
+    data = {"keys": [entry.model_dump(exclude_none=True) for entry in entries]}
+    text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _caller(entry: KeyEntry) -> Caller:
@@ -134,7 +177,7 @@ class KeyRing:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._file_state: tuple[int, int] | None = None
+        self._file_state: tuple[int, int, int] | None = None
         self._checked_at = 0.0
         self._from_file: dict[str, Caller] = {}
         self._static: dict[str, Caller] = {}
@@ -165,23 +208,23 @@ class KeyRing:
             self._checked_at = now
             try:
                 stat = self.keys_file.stat()
-                state = (stat.st_mtime_ns, stat.st_size)
+                state = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # an atomic rewrite changes the inode
             except OSError:
                 state = None
             if not force and state == self._file_state:
                 return
             try:
                 entries = read_keys_file(self.keys_file)
-            except KeysFileError:
+            except KeysFileError as exc:
                 if force:
                     raise
-                import logging
-
-                # A broken edit keeps the keys that were valid before; the log says why.
-                logging.getLogger(__name__).exception("keys file not reloaded")
+                # A broken edit keeps the keys that were valid before; the log says why (once per change).
+                log.error("keys file not reloaded, the previous keys stay in force: %s", exc)
                 self._file_state = state
                 return
             self._from_file = {entry.sha256: _caller(entry) for entry in entries}
+            if self._file_state is not None:
+                log.info("keys file %s reloaded: %d keys", self.keys_file, len(entries))
             self._file_state = state
 
     def identify(self, presented: str | None) -> Caller | None:
@@ -197,5 +240,9 @@ class KeyRing:
         return found
 
     def names(self) -> list[str]:
+        return sorted({caller.name for caller in self.callers()})
+
+    def callers(self) -> list[Caller]:
+        """Every configured key's Caller (RAG_API_KEYS, RAG_ADMIN_API_KEYS, then the keys file)."""
         self._reload()
-        return sorted({caller.name for caller in (*self._static.values(), *self._from_file.values())})
+        return [*self._static.values(), *self._from_file.values()]

@@ -1,4 +1,5 @@
-"""Request dependencies: the shared Services object and the caller's identity, as Annotated aliases."""
+"""Request dependencies: the shared Services object, the caller's identity and its rate-limit budget,
+as Annotated aliases."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from app.access import LOCAL_OPERATOR, Caller, KeyRing
 from app.audit import record_rejected_key
 from app.container import Services
+from app.rate_limits import Budget, RateLimited, RateLimits
 from app.settings import Settings
 
 
@@ -42,6 +44,27 @@ def identify(request: Request) -> Caller | None:
     return caller
 
 
+def unauthorized() -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer <key>)",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def optional_caller(request: Request) -> Caller | None:
+    """The caller when a key is presented (401 if it is unknown) or none is configured; None without a key."""
+    if request.app.state.keyring.configured and _bearer(request) is None:
+        return None
+    caller = identify(request)
+    if caller is None:
+        raise unauthorized()
+    return caller
+
+
+def is_public(request: Request, route: str) -> bool:
+    """Whether RAG_PUBLIC_ROUTES opens `route` (health, docs, openapi) to callers without a key."""
+    public = request.app.state.settings.public_routes
+    return route in public or (route == "openapi" and "docs" in public)  # the docs pages need the schema
+
+
 def require_scope(scope: str):
     """A dependency: a valid `Authorization: Bearer <key>` whose key holds `scope`; returns the Caller."""
 
@@ -49,9 +72,7 @@ def require_scope(scope: str):
         caller = identify(request)
         if caller is None:
             record_rejected_key(request, status.HTTP_401_UNAUTHORIZED, "missing or invalid API key")
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                                "missing or invalid API key (Authorization: Bearer <key>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise unauthorized()
         if not caller.has(scope):
             record_rejected_key(request, status.HTTP_403_FORBIDDEN, f"lacks the {scope!r} scope")
             held = ", ".join(sorted(caller.scopes))
@@ -64,8 +85,24 @@ def require_scope(scope: str):
 
 
 QueryCaller = Annotated[Caller, Depends(require_scope("query"))]
+OptionalCaller = Annotated[Caller | None, Depends(optional_caller)]
 IngestStatusCaller = Annotated[Caller, Depends(require_scope("ingest-status"))]
 AdminCaller = Annotated[Caller, Depends(require_scope("admin"))]
 ApiKey = Depends(require_scope("query"))
 IngestStatusKey = Depends(require_scope("ingest-status"))
 AdminKey = Depends(require_scope("admin"))
+
+
+def admit_query(request: Request, caller: QueryCaller) -> Budget:
+    """Counts the request against its key's limits (429 with Retry-After when over one); the returned
+    budget is charged the tokens the answer generates."""
+    limits: RateLimits = request.app.state.rate_limits
+    try:
+        limits.admit(caller)
+    except RateLimited as exc:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, exc.detail,
+                            headers={"Retry-After": str(exc.retry_after_s)}) from None
+    return Budget(limits, caller)
+
+
+QueryBudget = Annotated[Budget, Depends(admit_query)]

@@ -23,8 +23,9 @@ from app.body_limit import BodySizeLimit
 from app.container import Services, build_services
 from app.errors import install_error_handlers
 from app.metrics import Metrics, ObserveRequests
+from app.rate_limits import RateLimits
 from app.request_id import RequestId
-from app.routes import health, ingest, metrics, query, refresh
+from app.routes import docs, health, ingest, metrics, query, refresh
 from app.settings import Settings, get_settings
 from app.tracing import start_tracing
 from app.worker import start_scheduler, start_workers
@@ -62,10 +63,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             log.info("serving generation %s", current.generation.generation)
             yield
 
-    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan,
+    # FastAPI's own /docs, /redoc and /openapi.json are off: app/routes/docs.py serves them behind a key
+    app = FastAPI(title="RAG service", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   telemetry={"metrics": False})  # spans when tracing is on; metrics are Prometheus (/metrics)
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.api_keys, settings.admin_api_keys, settings.keys_file)
+    app.state.rate_limits = RateLimits(settings.rate_limit_requests_per_minute,
+                                       settings.rate_limit_tokens_per_minute, settings.rate_limit_storage)
     app.state.metrics = Metrics(lambda: getattr(app.state, "services", None))
     # opened here, so that a path it cannot write stops the start (AuditLogError, naming RAG_AUDIT_LOG)
     app.state.audit = AuditLog.from_settings(settings, actor=process_actor("service"), rotate=True)
@@ -75,6 +80,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(ingest.router)
     app.include_router(refresh.router)
     app.include_router(metrics.router)
+    app.include_router(docs.router)
 
     def body_limit_for(path: str) -> int:
         return settings.ingest_max_body_bytes if path == "/ingest" else settings.max_body_bytes

@@ -170,6 +170,39 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(2000, ge=1)
 
     # --- rate limits and public routes (issue 13) --------------------------------------------
+    rate_limit_requests_per_minute: int = Field(
+        60, ge=0, description="/query requests per key in any 60 s (a key's requests_per_minute overrides it; "
+                              "0: unlimited). The local operator (no keys configured) is never limited.")
+    rate_limit_tokens_per_minute: int = Field(
+        20000, ge=0, description="Generated tokens per key per minute, charged after each answer; a key whose "
+                                 "budget is spent gets 429 until its window ends (tokens_per_minute overrides "
+                                 "it; 0: unlimited).")
+    rate_limit_storage: str = Field(
+        "memory://", description="Where budgets are counted (a `limits` storage URI): memory:// is one "
+                                 "process's own; redis://host:6379 is shared by every process using it "
+                                 "(needs `pip install limits[redis]`).")
+    public_routes: CommaList = Field(
+        default_factory=list, description="What answers without a key when keys are configured: any of health "
+                                          "(the full /health body), docs (/docs, /redoc and /openapi.json), "
+                                          "openapi (/openapi.json). Unset: only the {\"status\": \"ok\"} liveness "
+                                          "answer of /health.")
+    client_api_key: str | None = Field(
+        None, description="The key `rag` commands present to a running service (rag query, rag refresh); unset: "
+                          "the first RAG_ADMIN_API_KEYS key, else the first RAG_API_KEYS key.")
+
+    @field_validator("public_routes", mode="before")
+    @classmethod
+    def _public_routes_list(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("public_routes")
+    @classmethod
+    def _known_public_routes(cls, value: list[str]) -> list[str]:
+        known = ("health", "docs", "openapi")
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown {', '.join(map(repr, unknown))} (choose from {', '.join(known)})")
+        return value
 
     # --- metrics, tracing and logs (issue 13) -------------------------------------------------
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or one JSON object each "

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,9 +32,11 @@ from tests.net import free_port
 QUESTIONS = REPO / "demo" / "questions.jsonl"
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, **env_extra: str) -> tuple[subprocess.Popen, str]:
+    """`rag setup` into `data_dir`, then `rag serve` on a free port (with `env_extra` set); (process, url)."""
     rag = str(Path(sys.executable).with_name("rag"))
-    env = {**os.environ, "RAG_DATA_DIR": str(data_dir), "RAG_MODEL_CACHE_DIR": str(REPO / ".cache" / "models")}
+    env = {**os.environ, "RAG_DATA_DIR": str(data_dir), "RAG_MODEL_CACHE_DIR": str(REPO / ".cache" / "models"),
+           **env_extra}
     subprocess.run([rag, "setup"], env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     port = free_port()
     server = subprocess.Popen([rag, "serve", "--port", str(port)], env=env, cwd=REPO,
@@ -48,6 +52,17 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
     server.kill()
     raise SystemExit("the server did not answer /health within 300 s")
+
+
+@contextmanager
+def served(data_dir: Path, **env_extra: str) -> Iterator[str]:
+    """`start_server` for the length of a block: its url; the server is stopped at the end."""
+    server, url = start_server(data_dir, **env_extra)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 async def client_loop(client: httpx.AsyncClient, questions: list[str], offset: int, until: float,
@@ -129,21 +144,17 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    server = None
-    with tempfile.TemporaryDirectory(prefix="rag-load-") as tmp:
-        url = args.url
-        if url is None:
-            server, url = start_server(Path(tmp))
-        try:
-            outcome = asyncio.run(run(url, args.clients, args.duration, headers))
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait(60)
-    body, passed = report(outcome, args.clients, args.duration)
+    with tempfile.TemporaryDirectory(prefix="rag-load-") as tmp, ExitStack() as stack:
+        url = args.url or stack.enter_context(served(Path(tmp)))
+        outcome = asyncio.run(run(url, args.clients, args.duration, headers))
+    finish("load", *report(outcome, args.clients, args.duration), write=not args.no_write)
+
+
+def finish(section: str, body: str, passed: bool, *, write: bool) -> None:
+    """Print the table, put it in BENCHMARKS.md (unless told not to), exit 1 if it failed."""
     print(body)
-    if not args.no_write:
-        update_section("load", body)
+    if write:
+        update_section(section, body)
     sys.exit(0 if passed else 1)
 
 

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from app.logs import configure_logging
-from app.cli import adapters, audit, evaluate, evaluate_generation, refresh, service, train
+from app.cli import adapters, audit, evaluate, evaluate_generation, keys, refresh, service, train
 
 cli = typer.Typer(help="Retrieval-augmented answers over your documents.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -20,6 +20,7 @@ evaluate.register(cli)
 train.register(cli)
 adapters.register(cli)
 audit.register(cli)
+keys.register(cli)  # rag keys create | list | revoke
 
 
 def main() -> None:

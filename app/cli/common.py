@@ -63,9 +63,9 @@ def running_service(settings: Settings):
     import httpx
 
     headers = {}
-    keys = settings.admin_api_keys or settings.api_keys
-    if keys:
-        headers["Authorization"] = f"Bearer {keys[0]}"
+    key = settings.client_api_key or next(iter(settings.admin_api_keys or settings.api_keys), None)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     client = httpx.Client(base_url=server_url(settings), headers=headers, timeout=600)
     try:
         client.get("/health", timeout=2).raise_for_status()

@@ -208,10 +208,11 @@ def serve(
     preflight(settings)
     from app.access import KeysFileError
     from app.audit import AuditLogError
+    from app.rate_limits import RateLimitStorageError
 
     try:
         app = create_app(settings)
-    except (KeysFileError, AuditLogError) as exc:
+    except (KeysFileError, AuditLogError, RateLimitStorageError) as exc:
         fail(str(exc))
     # uvicorn's loggers go through the handler load_settings configured; the app writes the access log itself
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)

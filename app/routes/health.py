@@ -1,17 +1,31 @@
-"""GET /health: liveness plus what the service is serving."""
+"""GET /health: liveness, plus what the service is serving for callers allowed to see it.
+
+With keys configured, a request without a key gets only ``{"status": "ok"}`` (the process answers); the
+full body (document counts, models, generations, queue) needs a key with the ingest-status or admin
+scope, unless RAG_PUBLIC_ROUTES holds ``health``. Without keys (loopback only) everyone gets the full body.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
 
-from app.deps import ServicesDep
+from app.deps import OptionalCaller, ServicesDep, is_public
+from app.openapi import error_responses
 from app.schemas import Health
 
 router = APIRouter(tags=["ops"])
+FULL_HEALTH_SCOPES = ("ingest-status", "admin")
 
 
-@router.get("/health", response_model=Health)
-def health(services: ServicesDep) -> Health:
+class Liveness(BaseModel):
+    status: str = "ok"
+
+
+@router.get("/health", response_model=Health | Liveness, responses=error_responses(401))
+def health(request: Request, caller: OptionalCaller, services: ServicesDep) -> Health | Liveness:
+    if not is_public(request, "health") and not (caller and any(map(caller.has, FULL_HEALTH_SCOPES))):
+        return Liveness()
     generation = services.live.generation
     previous = services.ledger.generations_in("previous")
     refresh_job = services.refresh_job()

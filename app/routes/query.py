@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app.audit import record_query
-from app.deps import QueryCaller, ServicesDep, SettingsDep
+from app.deps import QueryBudget, QueryCaller, ServicesDep, SettingsDep
 from app.gate import Busy
 from app.json_body import StrictJSONRoute
 from app.openapi import error_responses
@@ -67,14 +67,14 @@ def _answer_error(exc: Exception) -> HTTPException | None:
 
 
 @router.post("/query", response_model=QueryResponse,
-             responses={**error_responses(400, 401, 403, 404, 409, 413, 422, 502, 503, 504),
+             responses={**error_responses(400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504),
                         200: {"content": {"text/event-stream": {"description": "With \"stream\": true: delta "
                                                                                "events, then one answer event."}}}})
-async def query(body: QueryRequest, request: Request, caller: QueryCaller, services: ServicesDep,
-                settings: SettingsDep) -> Any:
+async def query(body: QueryRequest, request: Request, caller: QueryCaller, budget: QueryBudget,
+                services: ServicesDep, settings: SettingsDep) -> Any:
     """Answers, and records the request in the audit trail (app/audit.py) with what came back."""
     try:
-        response = await _query(body, request, caller, services, settings)
+        response = await _query(body, request, caller, budget, services, settings)
     except HTTPException as exc:
         record_query(request, body, status=exc.status_code, error=str(exc.detail))
         raise
@@ -85,8 +85,8 @@ async def query(body: QueryRequest, request: Request, caller: QueryCaller, servi
     return response
 
 
-async def _query(body: QueryRequest, request: Request, caller: QueryCaller, services: ServicesDep,
-                 settings: SettingsDep) -> Any:
+async def _query(body: QueryRequest, request: Request, caller: QueryCaller, budget: QueryBudget,
+                 services: ServicesDep, settings: SettingsDep) -> Any:
     if len(body.question) > settings.max_question_chars:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"question: longer than {settings.max_question_chars} characters ({len(body.question)})")
@@ -101,13 +101,15 @@ async def _query(body: QueryRequest, request: Request, caller: QueryCaller, serv
     cancel = threading.Event()
 
     def answer(on_text: Callable[[str], None] | None = None):
-        return answer_question(
+        result = answer_question(
             body.question, retriever=live.retriever, ledger=services.ledger, generation=live.generation.generation,
             generator=generator, provenance=services.provenance(generator, live), top_k=body.top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s,
             filters=body.filters.as_dict() if body.filters else None, alpha=body.alpha,
             unsupported=settings.unsupported, scorer=services.reranker, on_text=on_text, cancel=cancel,
             groups=caller.groups)
+        budget.charge(result.completion_tokens)  # streamed or not, cancelled included: what was generated
+        return result
 
     metrics = request.app.state.metrics
     admission = AsyncExitStack()
