@@ -49,9 +49,9 @@ def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
     """The tokenizer's added tokens that are markup, not words (``<|im_start|>``, ``<filename>``, ``</s>``).
 
     Added tokens are matched in raw text before byte-pair encoding, so each of them in a chunk would
-    become its control id; plain-word or whitespace added tokens tokenize as the text they are.
+    become its control id. Added tokens that are plain words or whitespace are text, not markup, and stay.
     """
-    added = getattr(tokenizer, "get_added_vocab", lambda: {})()
+    added: dict[str, int] = getattr(tokenizer, "get_added_vocab", dict)()
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     return tuple(sorted({t for t in [*added, *specials] if t and t.strip() == t and not re.fullmatch(r"\w+", t)},
                         key=lambda t: (-len(t), t)))
