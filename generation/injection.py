@@ -53,8 +53,8 @@ def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
     """
     added: dict[str, int] = getattr(tokenizer, "get_added_vocab", dict)()
     specials = list(getattr(tokenizer, "all_special_tokens", []))
-    return tuple(sorted({t for t in [*added, *specials] if t and t.strip() == t and not re.fullmatch(r"\w+", t)},
-                        key=lambda t: (-len(t), t)))
+    markup = {t for t in [*added, *specials] if len(t) > 1 and t.strip() == t and not re.fullmatch(r"\w+", t)}
+    return tuple(sorted(markup, key=lambda t: (-len(t), t)))
 
 
 @lru_cache(maxsize=16)

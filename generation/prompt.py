@@ -119,11 +119,13 @@ def pack_prompt(
     """
     budget = context_window - max_new_tokens
     specials = special_token_strings(tokenizer)
+    asked = question
     question = " ".join(neutralize_question(question, specials).split())
     if budget <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt budget in a {context_window} window")
     if not question:
-        raise ValueError("empty question")
+        raise ValueError("the question holds only special tokens or chat-template markers" if asked.strip()
+                         else "empty question")
 
     base_ids = _render(tokenizer, question, [])[1]
     if len(base_ids) > budget:
