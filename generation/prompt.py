@@ -16,7 +16,10 @@ next (lower-ranked) one is tried, so one long chunk never starves the prompt. In
 renumbered [1], [2], ... in rank order; ``PackedPrompt.chunks[i]`` is the chunk cited as ``[i+1]``.
 The budget (context window minus new tokens) is checked on the exact token ids of the rendered prompt.
 Chunk text is put on one line (whitespace collapsed) and citation-shaped markers in it ("[3]") become
-"(3)", so the only bracketed numbers the model sees are the context numbers.
+"(3)", so the only bracketed numbers the model sees are the context numbers. Before that, special tokens,
+chat-template markers, prompt-structure tags and role labels in it are defused (generation/injection.py),
+so a document can never end the user turn or open another; the question loses special tokens too. The
+token counts are those of the defused text, the text the model is given.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from generation.injection import neutralize_context, neutralize_question, special_token_strings
 
 PROMPT_TEMPLATE_VERSION = "rag-v1"
 ABSTAIN_ANSWER = "I don't know."
@@ -113,11 +118,14 @@ def pack_prompt(
     Raises ValueError when the instructions and question alone exceed ``context_window - max_new_tokens``.
     """
     budget = context_window - max_new_tokens
-    question = " ".join(question.split())
+    specials = special_token_strings(tokenizer)
+    asked = question
+    question = " ".join(neutralize_question(question, specials).split())
     if budget <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt budget in a {context_window} window")
     if not question:
-        raise ValueError("empty question")
+        raise ValueError("the question holds only special tokens or chat-template markers" if asked.strip()
+                         else "empty question")
 
     base_ids = _render(tokenizer, question, [])[1]
     if len(base_ids) > budget:
@@ -133,7 +141,7 @@ def pack_prompt(
     texts: list[str] = []
     estimate = len(base_ids)
     for chunk in chunks:
-        text = _clean_chunk_text(chunk.text)
+        text = _clean_chunk_text(chunk.text, specials)
         if not text:
             continue
         cost = _n_tokens(tokenizer, _context_line(len(selected) + 1, text))
@@ -189,10 +197,10 @@ def _context_line(number: int, text: str) -> str:
     return f"[{number}] {text}\n"
 
 
-def _clean_chunk_text(text: str) -> str:
-    """One line per chunk; citation-shaped markers in the source ("[3]") become "(3)" so they never
-    read as citations of the numbered context."""
-    return CITATION_RE.sub(r"(\1)", " ".join(text.split()))
+def _clean_chunk_text(text: str, special_tokens: tuple[str, ...]) -> str:
+    """One line per chunk, injection defused; citation-shaped markers in the source ("[3]") become "(3)"
+    so they never read as citations of the numbered context."""
+    return CITATION_RE.sub(r"(\1)", " ".join(neutralize_context(text, special_tokens).split()))
 
 
 def _user_message(question: str, texts: Sequence[str]) -> str:
