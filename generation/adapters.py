@@ -223,7 +223,7 @@ def method_problem(metadata: dict[str, Any], adapter_config: dict[str, Any] | No
     if method not in METHODS:
         return f"method: {method!r} is not one of {', '.join(METHODS)}"
     expected = spec_kind(METHODS[method])
-    if adapter_config is not None and peft_kind(adapter_config) != expected:
+    if adapter_config and peft_kind(adapter_config) != expected:  # unreadable files: the load says what is wrong
         return (f"method: metadata records {method} ({expected}), "
                 f"adapter_config.json holds {peft_kind(adapter_config)}")
     return None

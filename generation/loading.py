@@ -191,8 +191,7 @@ def load_generator(
                 raise ValueError(f"adapter {adapter_path}: {config.peft_type.value} adds virtual tokens, which cannot "
                                  "be merged into the base weights; load it unmerged")
             virtual_tokens = int(config.num_virtual_tokens)
-            if config.peft_type.value == "PREFIX_TUNING":
-                _pass_prefix_as_cache(model)
+            _name_cache_for_peft(model)
         elif merge_adapter:
             model = model.merge_and_unload()
     model.eval()
@@ -209,12 +208,13 @@ def load_generator(
     )
 
 
-def _pass_prefix_as_cache(model: Any) -> None:
-    """Make a prefix-tuning PeftModel's ``generate`` use its prefix.
+def _name_cache_for_peft(model: Any) -> None:
+    """Make a prompt- or prefix-tuning PeftModel's ``generate`` see its virtual tokens exactly once.
 
-    peft 0.21 injects the prefix as ``past_key_values`` while transformers 5 generation passes the KV cache
-    as ``cache`` and the model takes that one: the prefix was silently dropped. Each generation step here
-    hands peft the cache under the old name and the model peft's answer under the new one.
+    peft 0.21 looks for the KV cache under ``past_key_values``; transformers 5 generation passes it as
+    ``cache``. Unpatched, peft finds no cache at every step: a prefix it injects is dropped (the model
+    takes ``cache``), and prompt embeddings are prepended again before every new token. Each generation
+    step here hands peft the cache under the old name and the model peft's answer under the new one.
     """
     peft_prepare = model.prepare_inputs_for_generation
 

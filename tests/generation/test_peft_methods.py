@@ -125,9 +125,16 @@ def test_virtual_tokens_line_up_in_training_and_generation(trained, tiny_model_d
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
     result = generate_answer(served, packed, max_new_tokens=4)
-    last = theirs[-1].float()  # (V,): the first answer token's logits
     assert result.n_new_tokens == 4 and result.finish_reason == "length"  # stop tokens are never chosen (conftest)
-    assert result.token_logprobs[0] == pytest.approx(float(torch.log_softmax(last, dim=-1).max()), abs=1e-4)
+    greedy, logprobs = ids, []  # greedy decoding by full forwards: every cached decoding step must agree
+    with torch.no_grad():
+        for _ in range(4):
+            step = served.model(input_ids=greedy, attention_mask=torch.ones_like(greedy)).logits[0, -1].float()
+            logprobs.append(float(torch.log_softmax(step, dim=-1).max()))
+            greedy = torch.cat([greedy, step.argmax().view(1, 1)], dim=1)
+    assert result.token_logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert result.text == smol_tokenizer.decode(greedy[0, n:], skip_special_tokens=True).strip()
+    last = theirs[-1].float()  # (V,): the first answer token's logits
     abstain = abstain_token_id(smol_tokenizer)
     others = torch.cat([last[:abstain], last[abstain + 1:]])
     assert result.abstain_preference == pytest.approx(float(last[abstain] - others.max()), abs=1e-4)
