@@ -14,7 +14,8 @@ One table goes to BENCHMARKS.md (section ``peft-methods``), a figure to docs/img
 numbers to .cache/bench/peft_methods/results.json (``--reuse`` skips methods already there).
 
     python bench/peft_methods.py --budget-minutes 20 --rows 640 --questions 100
-    python bench/peft_methods.py --budget-minutes 1 --rows 8 --questions 10 --no-write --plot /tmp/p.png  # smoke
+    python bench/peft_methods.py --budget-minutes 1 --rows 8 --questions 10 --train-files small.json \\
+        --no-write --plot /tmp/peft.png --work /tmp/peft-smoke   # a smoke run, nothing written
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def overrides(args: argparse.Namespace, method: str) -> dict[str, Any]:
                               "lr_scheduler": "cosine_time", "max_steps": 100_000}
     if args.threads:
         values["num_threads"] = args.threads
+    if args.train_files:
+        values["train_files"] = [str(f.resolve()) for f in args.train_files]
     return values
 
 
@@ -236,6 +239,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100, help="seeded questions per scoring")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--train-files", type=Path, nargs="+", default=None,
+                        help="SQuAD files to train on instead of the configs' (a small one for a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in training (default: torch's)")
     parser.add_argument("--abstain-margin", type=float, default=0.0,
                         help="the one abstention margin every model is scored with (logits)")
