@@ -149,6 +149,9 @@ class TrainConfig:
             raise ValueError("prompt_init_text: empty; leave it unset for a random start")
         if self.prefix_projection and method != "prefix_tuning":
             raise ValueError(f"prefix_projection: applies to prefix_tuning only, not {method}")
+        if self.gradient_checkpointing and method == "prefix_tuning":
+            # the prefix lives in the KV cache, which each recomputed layer would extend a second time
+            raise ValueError("gradient_checkpointing: not with prefix_tuning (its prefix is the KV cache)")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -215,13 +215,14 @@ def test_vllm_refuses_adapters_other_than_lora(trained, tiny_model_dir, tmp_path
                      adapter_path=str(folder), adapter_name=f"{config.name}@v1")
 
 
-def test_dora_trains_on_a_4bit_base(smol_tokenizer, tiny_model_dir, tmp_path) -> None:
-    config = method_config("dora", quantization="4bit", max_steps=1, eval_steps=0, batch_size=1)
+@pytest.mark.parametrize(("quantization", "layer"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_dora_trains_on_a_quantized_base(smol_tokenizer, tiny_model_dir, tmp_path, quantization, layer) -> None:
+    config = method_config("dora", quantization=quantization, max_steps=1, eval_steps=0, batch_size=1)
     built = rows_for(smol_tokenizer, config)
     result = run_training(config, str(tiny_model_dir), {"train": built[:1]}, tmp_path / "run")
     assert result.metrics["steps"] == 1
-    layers = [m for m in result.model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
-    assert layers and all("default" in m.lora_magnitude_vector for m in layers)  # DoRA's magnitude, on 4-bit
+    layers = [m for m in result.model.modules() if type(m).__name__ == layer and hasattr(m, "lora_A")]
+    assert layers and all("default" in m.lora_magnitude_vector for m in layers)  # DoRA's magnitude, quantized
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ def test_dora_trains_on_a_4bit_base(smol_tokenizer, tiny_model_dir, tmp_path) ->
     ("prompt_tuning", {"prompt_init_text": " "}, "prompt_init_text: empty"),
     ("prompt_tuning", {"prefix_projection": True}, "prefix_projection: applies to prefix_tuning only"),
     ("prompt_tuning", {"lora_layers": 2}, "lora_layers: applies to lora and dora only"),
+    ("prefix_tuning", {"gradient_checkpointing": True}, "gradient_checkpointing: not with prefix_tuning"),
 ])
 def test_config_validation_names_the_setting(method, overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
