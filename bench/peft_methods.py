@@ -270,7 +270,7 @@ def main() -> None:
     questions = results["base"]["questions"]
     figure = args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot
     body = ("### PEFT methods on equal footing: the same rows, seed and wall-clock budget\n\n"
-            f"Each method: {args.rows} training rows, seed {args.seed}, at most {args.budget_minutes:g} minutes "
+            f"Each method: {args.rows} training rows, seed {args.seed}, at most {args.budget_minutes:g} min "
             f"or {args.max_epochs:g} pass(es) over the rows (steps: "
             + ", ".join(f"{m} {e['steps']}{'' if e['stopped_by_time_budget'] else ' (rows done)'}"
                         for m, e in results.items() if "steps" in e)
