@@ -228,6 +228,9 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
     right.scatter([results[m]["trainable"] for m in trained], [results[m]["val_loss"] for m in trained])
     for m in trained:
         right.annotate(m, (results[m]["trainable"], results[m]["val_loss"]))
+    if results.get("base", {}).get("val_loss") is not None:
+        right.axhline(results["base"]["val_loss"], color="grey", linestyle="--", label="base model")
+        right.legend()
     right.set_xscale("log")
     right.set_xlabel("trainable parameters")
     right.set_ylabel("held-out validation loss")
