@@ -351,7 +351,8 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
     ``registry_only``, as for a request's adapter, a registry name only and errors naming no path).
 
     The adapter's metadata must match the serving settings (base model, context window and RoPE scaling,
-    prompt template version), else AdapterMismatch names both values. When the adapter is the built-in
+    prompt template version, its method) and its method must be servable as configured (merging, vLLM),
+    else AdapterMismatch names both values. When the adapter is the built-in
     default (not set explicitly) and cannot be found or does not match, the error is logged and the base
     model is served instead (``strict=False``); an explicitly configured adapter must load.
     """
@@ -436,8 +437,10 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
     ``registry_only``: ``ref`` is looked up in the registry alone, and errors name the adapter, not paths."""
     from transformers import AutoConfig
 
-    from generation.adapters import AdapterNotFound, AdapterRegistry, check_compatible, locate, read_metadata
+    from generation.adapters import (AdapterMismatch, AdapterNotFound, AdapterRegistry, check_compatible, locate,
+                                     read_adapter_config, read_metadata)
     from generation.loading import native_context, rope_scaling_for
+    from generation.methods import serving_problem
     from generation.prompt import PROMPT_TEMPLATE_VERSION
 
     if registry_only:
@@ -459,5 +462,9 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
     check_compatible(metadata, where=where, base_model=settings.generator_model,
                      context_window=settings.context_window,
                      rope_scaling=rope_scaling_for(native, settings.context_window),
-                     prompt_template_version=PROMPT_TEMPLATE_VERSION)
+                     prompt_template_version=PROMPT_TEMPLATE_VERSION, adapter_config=read_adapter_config(folder))
+    problem = serving_problem(metadata["method"], where, merge=settings.merge_adapter,
+                              quantization=settings.quantization, backend=settings.generator_backend)
+    if problem:
+        raise AdapterMismatch(problem)
     return str(folder), label, metadata

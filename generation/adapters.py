@@ -1,4 +1,5 @@
-"""The adapter registry: LoRA adapters by name and version, an ACTIVE pointer per name, rollback.
+"""The adapter registry: PEFT adapters (LoRA, DoRA, IA3, prompt/prefix tuning) by name and version, an ACTIVE
+pointer per name, rollback.
 
 Layout::
 
@@ -8,7 +9,8 @@ Layout::
 
 Versions are ``v1``, ``v2``, ... in publication order. A reference is ``name`` (its active version, else
 its latest) or ``name@version``. Pointer files are replaced atomically (write + rename).
-Before an adapter is served, :func:`check_compatible` compares its metadata with the serving settings.
+Before an adapter is served, :func:`check_compatible` compares its metadata with the serving settings, and the
+method its metadata records with what its files hold.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+
+from generation.methods import METHODS, peft_kind, spec_kind
 
 METADATA = "metadata.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -112,6 +116,7 @@ class AdapterRegistry:
                 meta = read_metadata(self.root / name / version)
                 rows.append({"name": name, "version": version, "active": version == active,
                              "created_at": meta.get("created_at"), "base_model": meta.get("base_model"),
+                             "method": meta.get("method"),
                              "metrics": meta.get("metrics", {})})
         return rows
 
@@ -174,14 +179,28 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
 
 
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """An adapter's ``adapter_config.json`` (peft's description of its files); {} when unreadable."""
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cast(dict[str, Any], config) if isinstance(config, dict) else {}
+
+
 def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
     """Replace an adapter's metadata.json atomically (a loading service never reads half of it)."""
     _write_atomic(Path(folder) / METADATA, json.dumps(metadata, indent=2) + "\n")
 
 
 def check_compatible(metadata: dict[str, Any], *, where: str, base_model: str, context_window: int,
-                     rope_scaling: dict[str, Any] | None, prompt_template_version: str) -> None:
-    """Refuse an adapter trained for other serving settings; the message names both values."""
+                     rope_scaling: dict[str, Any] | None, prompt_template_version: str,
+                     adapter_config: dict[str, Any] | None = None) -> None:
+    """Refuse an adapter trained for other serving settings; the message names both values.
+
+    The method must be recorded and known, and, given the adapter's ``adapter_config.json``, be what its
+    files hold (a DoRA or IA3 adapter recorded as ``lora`` would otherwise load with the wrong serving rules).
+    """
     serving = {"base_model": base_model, "context_window": context_window, "rope_scaling": rope_scaling,
                "prompt_template_version": prompt_template_version}
     problems = []
@@ -190,8 +209,24 @@ def check_compatible(metadata: dict[str, Any], *, where: str, base_model: str, c
             problems.append(f"{key}: not recorded by the adapter, serving {value!r}")
         elif _normalize(metadata[key]) != _normalize(value):
             problems.append(f"{key}: adapter trained with {metadata[key]!r}, serving {value!r}")
+    problem = method_problem(metadata, adapter_config)
+    if problem:
+        problems.append(problem)
     if problems:
         raise AdapterMismatch(f"adapter {where} does not match the serving settings: " + "; ".join(problems))
+
+
+def method_problem(metadata: dict[str, Any], adapter_config: dict[str, Any] | None) -> str | None:
+    method = metadata.get("method")
+    if method is None:
+        return "method: not recorded by the adapter"
+    if method not in METHODS:
+        return f"method: {method!r} is not one of {', '.join(METHODS)}"
+    expected = spec_kind(METHODS[method])
+    if adapter_config and peft_kind(adapter_config) != expected:  # unreadable files: the load says what is wrong
+        return (f"method: metadata records {method} ({expected}), "
+                f"adapter_config.json holds {peft_kind(adapter_config)}")
+    return None
 
 
 def _normalize(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Load the generator: base model, RoPE position interpolation, optional bitsandbytes quantization, LoRA adapter.
+"""Load the generator: base model, RoPE position interpolation, optional bitsandbytes quantization, a PEFT adapter
+(LoRA, QLoRA, DoRA, IA3, prompt or prefix tuning; see generation/methods.py).
 
 RoPE scaling is derived by one function, :func:`apply_rope_scaling`, used at serving and at training
 time, so an adapter trained with a context window is served with exactly the same positions. It is a
@@ -15,17 +16,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from generation.grounding import Thresholds
+from generation.methods import Quantization
 
 if TYPE_CHECKING:
     from generation.generate import GenerationResult
     from generation.prompt import PackedPrompt
 
-Quantization = Literal["none", "4bit", "8bit"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Scalings a checkpoint may ship itself (Llama 3.1 "llama3", YaRN, ...): kept, never stacked on.
@@ -102,6 +103,7 @@ class LoadedGenerator:
     tokenizer: Any
     model_name: str
     native_context: int
+    # the window prompts are packed into: the configured one less a prompt/prefix-tuning adapter's virtual tokens
     context_window: int
     rope_scaling: dict[str, Any] | None
     quantization: str
@@ -113,6 +115,7 @@ class LoadedGenerator:
     grounding: Thresholds = field(default_factory=Thresholds)
     adapter_name: str | None = None  # the registry label (name@version) served, None for the base model
     backend: str = "transformers"
+    virtual_tokens: int = 0  # positions a prompt/prefix-tuning adapter's virtual tokens take before every prompt
 
     def generate(self, packed: PackedPrompt, *, max_new_tokens: int, timeout_s: float | None = None,
                  abstain_margin: float | None = None, on_text: Callable[[str], None] | None = None,
@@ -156,7 +159,9 @@ def load_generator(
 
     ``model_name_or_path`` is a folder or hub id (resolve ``bundled:`` names first with
     :func:`generation.bundled.resolve_generator_model`). Merging an adapter into a 4/8-bit model
-    re-quantizes the merged weights, which is lossy.
+    re-quantizes the merged weights, which is lossy; prompt and prefix tuning cannot be merged (ValueError).
+    A prompt/prefix-tuning adapter's virtual tokens take the first positions of the window: the returned
+    ``context_window`` is what is left for the prompt and the answer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -175,11 +180,19 @@ def load_generator(
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
 
+    virtual_tokens = 0
     if adapter_path is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_path)
-        if merge_adapter:
+        config = model.active_peft_config
+        if config.is_prompt_learning:
+            if merge_adapter:
+                raise ValueError(f"adapter {adapter_path}: {config.peft_type.value} adds virtual tokens, which cannot "
+                                 "be merged into the base weights; load it unmerged")
+            virtual_tokens = int(config.num_virtual_tokens)
+            _name_cache_for_peft(model)
+        elif merge_adapter:
             model = model.merge_and_unload()
     model.eval()
     return LoadedGenerator(
@@ -187,8 +200,40 @@ def load_generator(
         tokenizer=tokenizer,
         model_name=model_name_or_path,
         native_context=native,
-        context_window=context_window,
+        context_window=context_window - virtual_tokens,
         rope_scaling=scaling,
         quantization=quantization,
         adapter_path=adapter_path,
+        virtual_tokens=virtual_tokens,
     )
+
+
+def _name_cache_for_peft(model: Any) -> None:
+    """Make a prompt- or prefix-tuning PeftModel's ``generate`` see its virtual tokens exactly once.
+
+    peft 0.21 looks for the KV cache under ``past_key_values``; transformers 5 generation passes it as
+    ``cache``. Unpatched, peft finds no cache at every step: a prefix it injects is dropped (the model
+    takes ``cache``), and prompt embeddings are prepended again before every new token. Each generation
+    step here hands peft the cache under the old name and the model peft's answer under the new one.
+    """
+    peft_prepare = model.prepare_inputs_for_generation
+
+    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        base_prepare = model.base_model_prepare_inputs_for_generation
+
+        def renamed(*a: Any, **k: Any) -> dict[str, Any]:
+            inputs: dict[str, Any] = base_prepare(*a, **k)
+            if "cache" in inputs:
+                inputs["past_key_values"] = inputs.pop("cache")
+            return inputs
+
+        model.base_model_prepare_inputs_for_generation = renamed
+        try:
+            inputs: dict[str, Any] = peft_prepare(*args, **kwargs)
+        finally:
+            model.base_model_prepare_inputs_for_generation = base_prepare
+        if "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    model.prepare_inputs_for_generation = prepare

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -487,6 +488,8 @@ def connect_vllm(model_path: str, *, url: str, context_window: int, served_model
 
     from generation.loading import native_context, rope_scaling_for
 
+    if adapter_path is not None:
+        refuse_non_lora(adapter_path, adapter_name or adapter_path)
     config = AutoConfig.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     try:
@@ -500,6 +503,18 @@ def connect_vllm(model_path: str, *, url: str, context_window: int, served_model
                          context_window=context_window, rope_scaling=rope_scaling_for(native, context_window),
                          served_model=served_model, stops=stop_token_ids(tokenizer, generation_config),
                          adapter_path=adapter_path, adapter_name=adapter_name, health_timeout_s=health_timeout_s)
+
+
+def refuse_non_lora(adapter_path: str, name: str) -> None:
+    """vLLM serves plain LoRA modules only: DoRA, IA3, prompt and prefix tuning adapters are refused here."""
+    from generation.adapters import AdapterMismatch, read_adapter_config
+    from generation.methods import peft_kind
+
+    config = read_adapter_config(Path(adapter_path))  # unreadable: vLLM's own error tells what is wrong
+    kind = peft_kind(config)
+    if config and kind != "LORA":
+        raise AdapterMismatch(f"adapter {name} holds a {kind} adapter; vLLM serves LoRA adapters only (lora, qlora, "
+                              "lora-8bit): serve it with RAG_GENERATOR_BACKEND=transformers")
 
 
 def vllm_length_arguments(model_path: str, context_window: int) -> list[str]:

@@ -44,7 +44,8 @@ def list_adapters(registry: RegistryOption = None) -> None:
         best = metrics.get("best_eval_loss")
         detail = f"best validation loss {best:.4f}" if isinstance(best, (int, float)) else ""
         typer.echo(f"{'*' if entry['active'] else ' '} {entry['name']}@{entry['version']}  "
-                   f"{entry['created_at'] or ''}  {entry['base_model'] or ''}  {detail}".rstrip())
+                   f"{entry['created_at'] or ''}  {entry['method'] or ''}  {entry['base_model'] or ''}  "
+                   f"{detail}".rstrip())
 
 
 @adapters_app.command()

@@ -53,7 +53,8 @@ def train(
     activate: ActivateOption = True,
     registry: Annotated[Optional[Path], typer.Option(help="Adapter registry (default RAG_ADAPTERS_DIR).")] = None,
 ) -> None:
-    """Train a LoRA / QLoRA adapter on RAG prompts built by the service's own retriever; publish it."""
+    """Train an adapter (the config's method: lora, qlora, dora, ia3, prompt_tuning, ...) on RAG prompts built by
+    the service's own retriever; publish it."""
     if ctx.invoked_subcommand is not None:
         return
     if config is None:

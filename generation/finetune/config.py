@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 
+from generation.methods import METHODS, Method, Quantization, method_spec
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
-Method = Literal["lora", "qlora", "lora-8bit"]
+BASES = {"none": "an unquantized", "4bit": "a 4-bit", "8bit": "an 8-bit"}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -23,7 +25,10 @@ class TrainConfig:
     # --- what is trained ------------------------------------------------------------------------
     name: str = "adapter"  # registry name of the adapter
     base_model: str = "bundled:SmolLM2-135M-Instruct"
-    method: Method = "lora"  # qlora: 4-bit NF4 + double quant base; lora-8bit: LLM.int8() base
+    # lora, dora (LoRA with weight decomposition), ia3, prompt_tuning, prefix_tuning (generation/methods.py);
+    # qlora: LoRA on a 4-bit NF4 + double quant base; lora-8bit: LoRA on an LLM.int8() base
+    method: Method = "lora"
+    quantization: Quantization | None = None  # dora only: its base ("none", "4bit", "8bit"); others imply theirs
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 4-bit compute / LoRA dtype
     context_window: int = 2048  # RoPE scaling derived from it exactly as at serving
     max_new_tokens: int = 64  # the serving answer budget: prompts are packed to window - this
@@ -34,6 +39,12 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     bias: Literal["none", "all", "lora_only"] = "none"
     lora_layers: int | None = None  # LoRA on the top N decoder layers only (None: all layers)
+    # target_modules above are IA3's too; of them, those whose input (not output) is scaled: IA3's feed-forward
+    feedforward_modules: list[str] | None = None  # ia3 only, and required there
+    # --- prompt and prefix tuning -------------------------------------------------------------------
+    num_virtual_tokens: int | None = None  # prompt_tuning, prefix_tuning only, and required there
+    prompt_init_text: str | None = None  # prompt_tuning: start the virtual tokens from this text (None: random)
+    prefix_projection: bool = False  # prefix_tuning: reparametrize the prefix through a 2-layer MLP
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"  # any transformers scheduler, or cosine_time (needs time_budget_minutes)
@@ -69,11 +80,29 @@ class TrainConfig:
         config.validate()
         return config
 
+    @property
+    def base_quantization(self) -> Quantization:
+        """The quantization of the base the adapter trains on."""
+        return self.quantization or method_spec(self.method).quantization
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the method's virtual tokens take at the start of every sequence (0 for LoRA, DoRA, IA3)."""
+        return (self.num_virtual_tokens or 0) if method_spec(self.method).virtual_tokens else 0
+
+    @property
+    def prompt_window(self) -> int:
+        """The window the service's prompt and answer get: the context window less the virtual tokens."""
+        return self.context_window - self.virtual_tokens
+
     def validate(self) -> None:
-        if self.method not in ("lora", "qlora", "lora-8bit"):
-            raise ValueError(f"method: {self.method!r} is not one of lora, qlora, lora-8bit")
+        spec = method_spec(self.method)
         if self.max_new_tokens >= self.context_window:
             raise ValueError("max_new_tokens must be smaller than context_window")
+        self._validate_method()
+        if spec.virtual_tokens and self.max_new_tokens + self.virtual_tokens >= self.context_window:
+            raise ValueError(f"num_virtual_tokens: {self.num_virtual_tokens} virtual + {self.max_new_tokens} new "
+                             f"tokens leave no room for a prompt in the {self.context_window}-token context_window")
         lo, hi = self.context_chunks
         if not 1 <= lo <= hi:
             raise ValueError(f"context_chunks: expected [min, max] with 1 <= min <= max, got {self.context_chunks}")
@@ -83,6 +112,46 @@ class TrainConfig:
             raise ValueError("lr_scheduler cosine_time needs time_budget_minutes")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
+
+    def _validate_method(self) -> None:
+        """Each method's own settings; a setting of another method is an error, not silently ignored."""
+        method, spec = self.method, method_spec(self.method)
+        if self.quantization is not None and self.quantization not in spec.quantizations:
+            implied = [name for name, other in METHODS.items()
+                       if other.quantization == self.quantization and other.peft_type == spec.peft_type]
+            hint = f" (use method {implied[0]})" if implied else ""
+            bases = " or ".join(BASES[q] for q in spec.quantizations)
+            raise ValueError(f"quantization: {method} trains on {bases} base, not {self.quantization!r}{hint}")
+        lora = spec.peft_type == "LORA"
+        if not lora and self.lora_layers is not None:
+            raise ValueError(f"lora_layers: applies to lora and dora only, not {method}")
+        if spec.peft_type == "IA3":
+            if self.feedforward_modules is None:
+                raise ValueError("feedforward_modules: ia3 needs the feed-forward modules among target_modules "
+                                 "(for LLaMA: [down_proj]; [] for none)")
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules: {', '.join(extra)} not in target_modules "
+                                 f"({', '.join(self.target_modules)}); IA3's feed-forward modules are a subset of them")
+        elif self.feedforward_modules is not None:
+            raise ValueError(f"feedforward_modules: applies to ia3 only, not {method}")
+        if (lora or spec.peft_type == "IA3") and not self.target_modules:
+            raise ValueError(f"target_modules: {method} needs at least one module")
+        if spec.virtual_tokens:
+            if self.num_virtual_tokens is None or self.num_virtual_tokens < 1:
+                raise ValueError(f"num_virtual_tokens: {method} needs a positive number of virtual tokens, "
+                                 f"got {self.num_virtual_tokens!r}")
+        elif self.num_virtual_tokens is not None:
+            raise ValueError(f"num_virtual_tokens: applies to prompt_tuning and prefix_tuning only, not {method}")
+        if self.prompt_init_text is not None and method != "prompt_tuning":
+            raise ValueError(f"prompt_init_text: applies to prompt_tuning only, not {method}")
+        if self.prompt_init_text is not None and not self.prompt_init_text.strip():
+            raise ValueError("prompt_init_text: empty; leave it unset for a random start")
+        if self.prefix_projection and method != "prefix_tuning":
+            raise ValueError(f"prefix_projection: applies to prefix_tuning only, not {method}")
+        if self.gradient_checkpointing and method == "prefix_tuning":
+            # the prefix lives in the KV cache, which each recomputed layer would extend a second time
+            raise ValueError("gradient_checkpointing: not with prefix_tuning (its prefix is the KV cache)")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -347,6 +347,8 @@ def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root:
         "base_model", "context_window", "max_new_tokens", "max_seq_length", "seed", "validation_articles",
         "validation_rows", "train_rows", "context_chunks", "gold_only_fraction", "no_gold_fraction",
         "questions_per_row", "impossible_per_row")}
+    # prompts are packed into the window the served adapter leaves them (less any virtual tokens)
+    data_settings["context_window"] = config.prompt_window
     key = cache_key(data_sha256=digest, data=data_settings, retrieval=retrieval_key, vocab=len(tokenizer))
     path = cache_root / "rows" / f"{key}.json"
     cached = load_rows(path)
@@ -359,7 +361,7 @@ def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root:
     index = open_index(articles, digest)
     try:
         builder = RowBuilder(tokenizer=tokenizer, retrieve=index.retrieve,
-                             context_window=config.context_window, max_new_tokens=config.max_new_tokens,
+                             context_window=config.prompt_window, max_new_tokens=config.max_new_tokens,
                              max_seq_length=config.max_seq_length, context_chunks=tuple(config.context_chunks),
                              gold_only_fraction=config.gold_only_fraction, no_gold_fraction=config.no_gold_fraction,
                              questions_per_row=config.questions_per_row, impossible_per_row=config.impossible_per_row)

@@ -1,4 +1,5 @@
-"""One training run end to end: data -> LoRA training -> compact adapter + metadata + curve -> registry."""
+"""One training run end to end: data -> PEFT training (any method of generation/methods.py) -> compact adapter +
+metadata (the method included) + curve -> registry."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from generation.adapters import METADATA, AdapterRef, AdapterRegistry
 from generation.finetune.config import TrainConfig
 from generation.finetune.data import OpenCorpusIndex, Row, prepare_rows
-from generation.finetune.train import (QUANTIZATION, RowCollator, TrainResult, attention_mask_for, branch_mask,
-                                       causal_lm)
+from generation.finetune.train import RowCollator, TrainResult, answer_hidden, causal_lm
+from generation.methods import method_spec
 from generation.prompt import PROMPT_TEMPLATE_VERSION
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,14 @@ def train_from_config(config: TrainConfig, *, models_path: Path, open_index: Ope
 
 
 def compact_adapter(result: TrainResult, model_path: str, rows: list[Row], config: TrainConfig) -> float | None:
-    """Store float32 LoRA weights as float16 (half the size) if that reloads to the same answer logits.
+    """Store float32 adapter weights as float16 (half the size) if that reloads to the same answer logits.
 
     Returns the largest absolute logit difference between the trained model and base + reloaded adapter,
     or None where the adapter was kept as trained (quantized bases, or a difference over tolerance).
     """
     from safetensors.torch import load_file, save_file
 
-    if QUANTIZATION[config.method] != "none":
+    if config.base_quantization != "none":
         return None
     weights_path = result.adapter_dir / ADAPTER_WEIGHTS
     weights = load_file(str(weights_path))
@@ -104,9 +105,7 @@ def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     lm = causal_lm(model)
     device = lm.get_input_embeddings().weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
-    mask = attention_mask_for(lm, branch_mask(batch["segments"]))
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                      use_cache=False).last_hidden_state
+    hidden = answer_hidden(model, batch)
     keep = batch["labels"][:, 1:] != -100
     logits = lm.lm_head(hidden[:, :-1][keep]).float()
     model.train(was_training)
@@ -121,7 +120,9 @@ def build_metadata(config: TrainConfig, result: TrainResult, data_info: dict[str
         "name": config.name,
         "base_model": config.base_model,
         "method": config.method,
-        "quantization": QUANTIZATION[config.method],
+        "quantization": config.base_quantization,
+        "mergeable": method_spec(config.method).mergeable,
+        "num_virtual_tokens": config.virtual_tokens,
         "native_context": loaded.native_context,
         "context_window": config.context_window,
         "rope_scaling": loaded.rope_scaling,

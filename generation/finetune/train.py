@@ -1,7 +1,11 @@
-"""LoRA / QLoRA training with transformers' Trainer on shared-prefix rows (see data.py), answer tokens only.
+"""PEFT training (LoRA, QLoRA, DoRA, IA3, prompt and prefix tuning) with transformers' Trainer on
+shared-prefix rows (see data.py), answer tokens only.
 
 Memory: the 49k-word vocabulary's logits are computed only at the answer positions (the LM head runs on
 the hidden states of the labelled positions, a few per question), never over the whole prompt.
+Prompt and prefix tuning put V virtual tokens before every row: they take positions 0..V-1, every real
+token attends to them, and the real tokens' hidden states (positions V..) are the ones scored, so labels,
+branch masks and the answer-only head line up exactly as without them (see :func:`answer_hidden`).
 The base model is loaded by :func:`generation.loading.load_generator`, the serving loader, so RoPE
 scaling and quantization are exactly those of serving.
 """
@@ -15,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -23,13 +27,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from generation.finetune.config import TrainConfig
 from generation.finetune.data import Row
-
-if TYPE_CHECKING:
-    from generation.loading import Quantization
+from generation.methods import method_spec
 
 log = logging.getLogger(__name__)
-
-QUANTIZATION: dict[str, Quantization] = {"lora": "none", "qlora": "4bit", "lora-8bit": "8bit"}
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -104,12 +104,55 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def prompt_learning(model: Any) -> tuple[str | None, int]:
+    """(peft type, virtual tokens) of a peft model's active prompt-learning adapter; (None, 0) otherwise."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None, 0
+    return str(config.peft_type.value), int(config.num_virtual_tokens)
+
+
+def answer_hidden(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L, H) final hidden states of a collated batch's real tokens, under the branch mask.
+
+    With prompt tuning the virtual token embeddings are prepended (positions 0..V-1, segment 0: the shared
+    prefix); with prefix tuning the virtual keys and values fill the cache before the row. Either way the
+    real tokens sit at positions V.., as in peft's own forward and generate, and only their states return.
+    """
+    lm = causal_lm(model)
+    input_ids, segments, positions = inputs["input_ids"], inputs["segments"], inputs["position_ids"]
+    kind, n_virtual = prompt_learning(model)
+    if kind is None:
+        mask = attention_mask_for(lm, branch_mask(segments))
+        hidden: torch.Tensor = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                        use_cache=False).last_hidden_state
+        return hidden
+    batch, device = input_ids.shape[0], input_ids.device
+    virtual_positions = torch.arange(n_virtual, device=device).expand(batch, n_virtual)  # (B, V)
+    if kind == "PROMPT_TUNING":
+        embeds = lm.get_input_embeddings()(input_ids)  # (B, L, H)
+        prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)  # (B, V, H)
+        segments = torch.cat([torch.zeros_like(virtual_positions), segments], dim=1)  # (B, V+L)
+        mask = attention_mask_for(lm, branch_mask(segments))
+        hidden = lm.model(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask,
+                          position_ids=torch.cat([virtual_positions, positions + n_virtual], dim=1),
+                          use_cache=False).last_hidden_state
+        return hidden[:, n_virtual:]
+    if kind == "PREFIX_TUNING":
+        cache = model.get_prompt(batch_size=batch)  # a cache holding V positions per layer
+        allowed = branch_mask(segments)  # (B, 1, L, L)
+        prefix = torch.ones(*allowed.shape[:3], n_virtual, dtype=torch.bool, device=device)  # (B, 1, L, V)
+        mask = attention_mask_for(lm, torch.cat([prefix, allowed], dim=-1))  # (B, 1, L, V+L)
+        hidden = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions + n_virtual,
+                          cache=cache, use_cache=True).last_hidden_state
+        return hidden
+    raise ValueError(f"prompt-learning method {kind} is not supported here")
+
+
 def answer_loss(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, argmax-correct flags, branch of each target) over the answer tokens only."""
     lm = causal_lm(model)
-    mask = attention_mask_for(lm, branch_mask(inputs["segments"]))
-    hidden = lm.model(input_ids=inputs["input_ids"], attention_mask=mask,
-                      position_ids=inputs["position_ids"], use_cache=False).last_hidden_state  # (B, L, H)
+    hidden = answer_hidden(model, inputs)  # (B, L, H)
     target = inputs["labels"][:, 1:]  # (B, L-1): the token each position predicts
     keep = target != -100
     logits = lm.lm_head(hidden[:, :-1][keep]).float()  # (n_answer_tokens, V): the only logits computed
@@ -234,13 +277,38 @@ def peak_rss_mb() -> float:
 # --- model ---------------------------------------------------------------------------------------
 
 
+def peft_config(config: TrainConfig, model: Any, model_path: str) -> Any:
+    """The peft configuration of ``config.method`` (validated by TrainConfig.validate)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    spec = method_spec(config.method)
+    if spec.peft_type == "LORA":
+        n_layers = model.config.num_hidden_layers
+        layers = None if not config.lora_layers else list(range(max(n_layers - config.lora_layers, 0), n_layers))
+        return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.target_modules), bias=config.bias, use_dora=spec.use_dora,
+                          layers_to_transform=layers, task_type="CAUSAL_LM")
+    if spec.peft_type == "IA3":
+        return IA3Config(target_modules=list(config.target_modules),
+                         feedforward_modules=list(config.feedforward_modules or []), task_type="CAUSAL_LM")
+    if spec.peft_type == "PROMPT_TUNING":
+        text = config.prompt_init_text
+        return PromptTuningConfig(num_virtual_tokens=config.virtual_tokens, task_type="CAUSAL_LM",
+                                  prompt_tuning_init="TEXT" if text else "RANDOM", prompt_tuning_init_text=text,
+                                  tokenizer_name_or_path=model_path if text else None)
+    if spec.peft_type == "PREFIX_TUNING":
+        return PrefixTuningConfig(num_virtual_tokens=config.virtual_tokens, prefix_projection=config.prefix_projection,
+                                  encoder_hidden_size=model.config.hidden_size, task_type="CAUSAL_LM")
+    raise ValueError(f"method: {config.method!r} has no peft configuration")
+
+
 def load_trainable(config: TrainConfig, model_path: str, device: str) -> tuple[Any, Any]:
-    """(peft model, LoadedGenerator) with LoRA on the configured modules; the base exactly as served."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """(peft model, LoadedGenerator) with the method's adapter; the base exactly as served."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from generation.loading import load_generator
 
-    quantization = QUANTIZATION[config.method]
+    quantization = config.base_quantization
     loaded = load_generator(model_path, context_window=config.context_window, quantization=quantization,
                             torch_dtype="float32" if quantization == "none" else config.compute_dtype,
                             device=device)
@@ -248,12 +316,7 @@ def load_trainable(config: TrainConfig, model_path: str, device: str) -> tuple[A
     if quantization != "none":
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]  # unannotated in peft
             model, use_gradient_checkpointing=config.gradient_checkpointing)
-    n_layers = model.config.num_hidden_layers
-    layers = None if not config.lora_layers else list(range(max(n_layers - config.lora_layers, 0), n_layers))
-    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), bias=config.bias,
-                      layers_to_transform=layers, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, peft_config(config, model, model_path))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, loaded
@@ -273,7 +336,7 @@ def parameter_counts(model: Any) -> tuple[int, int]:
 
 
 def optimizer_name(config: TrainConfig) -> str:
-    if config.method == "lora":
+    if config.base_quantization == "none":
         return "adamw_torch"
     if torch.cuda.is_available():
         return "paged_adamw_8bit"

@@ -64,7 +64,7 @@ def serving(**overrides):
 
 
 def test_metadata_mismatch_names_both_values() -> None:
-    trained = serving()
+    trained = dict(serving(), method="lora")
     check_compatible(dict(trained, rope_scaling={"rope_type": "linear", "factor": 2}), where="x", **serving())
     with pytest.raises(AdapterMismatch) as info:
         check_compatible(trained, where="qa@v1", **serving(context_window=4096, rope_scaling=None))
@@ -119,7 +119,7 @@ def real_adapter(folder: Path, model_dir: Path) -> Path:
                            LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(folder)
     meta = dict(base_model=str(model_dir), context_window=NATIVE, rope_scaling=None,
-                prompt_template_version=PROMPT_TEMPLATE_VERSION)
+                prompt_template_version=PROMPT_TEMPLATE_VERSION, method="lora")
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder
 
