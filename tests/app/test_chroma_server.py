@@ -158,7 +158,7 @@ def test_restart_of_app_and_server_finds_everything(deployment):
     live = services.live.generation.generation
     ledger_ids = services.ledger.chunk_ids(live)
     collections = deployment.server_collections()
-    documents = deployment.client.get("/health").json()["documents"]
+    documents = deployment.client.get("/health", headers=ADMIN).json()["documents"]
 
     deployment.stop()
     deployment.server.restart()
@@ -168,7 +168,7 @@ def test_restart_of_app_and_server_finds_everything(deployment):
     assert services.ledger.chunk_ids(live) == ledger_ids
     assert consistent(services) == len(ledger_ids) == N_DOCS
     assert deployment.server_collections() == collections
-    health = client.get("/health").json()
+    health = client.get("/health", headers=ADMIN).json()
     assert health["documents"] == documents == N_DOCS and health["chunks"] == N_DOCS
     assert health["previous_generation"] == 3
     for i in (0, 2, 3, 4, 5, N_DOCS):

@@ -90,7 +90,7 @@ def _refresh_with_queries_and_webhook_changes(client, services):
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
     assert client.post("/refresh", headers=ADMIN).status_code == 409  # one at a time
-    assert client.get("/health").json()["refresh_running"] is True
+    assert client.get("/health", headers=ADMIN).json()["refresh_running"] is True
     # a webhook change while the refresh runs: it must be in the new generation when it goes live
     body = webhook_body(synthetic_documents(1, start=5, version=1), deletes=["doc-006"])
     change = client.post("/ingest", content=body, headers=signed_headers(body))
@@ -110,7 +110,7 @@ def _refresh_with_queries_and_webhook_changes(client, services):
     assert ledger_ids == chroma_ids == bm25_ids
     assert found_documents(services, marker("doc", 5, 1))[0] == "doc-005"
     assert "doc-006" not in found_documents(services, marker("doc", 6, 0), k=50)
-    health = client.get("/health").json()
+    health = client.get("/health", headers=ADMIN).json()
     assert health["index_generation"] == after and health["previous_generation"] == before
     assert health["refresh_running"] is False and health["documents"] == N_DOCS - 1
 
