@@ -350,14 +350,16 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
     """The base model with the adapter ``settings.adapter`` (a registry name[@version] or a folder; with
     ``registry_only``, as for a request's adapter, a registry name only and errors naming no path).
 
-    The adapter's metadata must match the serving settings (base model, context window and RoPE scaling,
-    prompt template version), else AdapterMismatch names both values. When the adapter is the built-in
+    The adapter's metadata must match the serving settings (base model, context window and RoPE scaling)
+    and name a known prompt template version, else AdapterMismatch names both values; the generator packs
+    its prompts with the adapter's template version (the base model: the current one). When the adapter is the built-in
     default (not set explicitly) and cannot be found or does not match, the error is logged and the base
     model is served instead (``strict=False``); an explicitly configured adapter must load.
     """
     from generation.adapters import AdapterMismatch, AdapterNotFound
     from generation.bundled import resolve_generator_model
     from generation.loading import load_generator
+    from generation.prompt import PROMPT_TEMPLATE_VERSION
 
     if strict is None:
         strict = "adapter" in settings.model_fields_set
@@ -390,6 +392,8 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
     loaded.abstain_margin = (settings.abstain_margin if settings.abstain_margin is not None
                              else float(metadata.get("abstain_margin", 0.0)))
     loaded.grounding = grounding_thresholds(settings, metadata)
+    # prompts are packed with the template the adapter was trained with (checked known), else the current one
+    loaded.prompt_template_version = metadata.get("prompt_template_version") or PROMPT_TEMPLATE_VERSION
     return loaded
 
 
@@ -438,7 +442,7 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
 
     from generation.adapters import AdapterNotFound, AdapterRegistry, check_compatible, locate, read_metadata
     from generation.loading import native_context, rope_scaling_for
-    from generation.prompt import PROMPT_TEMPLATE_VERSION
+    from generation.prompt import SYSTEM_PROMPTS
 
     if registry_only:
         registry = AdapterRegistry(settings.adapters_path)
@@ -459,5 +463,5 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
     check_compatible(metadata, where=where, base_model=settings.generator_model,
                      context_window=settings.context_window,
                      rope_scaling=rope_scaling_for(native, settings.context_window),
-                     prompt_template_version=PROMPT_TEMPLATE_VERSION)
+                     prompt_template_versions=tuple(SYSTEM_PROMPTS))
     return str(folder), label, metadata

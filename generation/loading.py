@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from generation.grounding import Thresholds
+from generation.prompt import PROMPT_TEMPLATE_VERSION
 
 if TYPE_CHECKING:
     from generation.generate import GenerationResult
@@ -112,6 +113,8 @@ class LoadedGenerator:
     # When an answer counts as grounded (generation/grounding.py); calibrated per adapter (its metadata).
     grounding: Thresholds = field(default_factory=Thresholds)
     adapter_name: str | None = None  # the registry label (name@version) served, None for the base model
+    # The system prompt its prompts are packed with (generation.prompt.SYSTEM_PROMPTS): the adapter's, else current.
+    prompt_template_version: str = PROMPT_TEMPLATE_VERSION
     backend: str = "transformers"
 
     def generate(self, packed: PackedPrompt, *, max_new_tokens: int, timeout_s: float | None = None,
