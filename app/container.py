@@ -351,14 +351,16 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
     ``registry_only``, as for a request's adapter, a registry name only and errors naming no path).
 
     The adapter's metadata must match the serving settings (base model, context window and RoPE scaling,
-    prompt template version, its method) and its method must be servable as configured (merging, vLLM),
-    else AdapterMismatch names both values. When the adapter is the built-in
+    its method) and name a known prompt template version, and its method must be servable as configured
+    (merging, vLLM), else AdapterMismatch names both values; the generator packs its prompts with the
+    adapter's template version (the base model: the current one). When the adapter is the built-in
     default (not set explicitly) and cannot be found or does not match, the error is logged and the base
     model is served instead (``strict=False``); an explicitly configured adapter must load.
     """
     from generation.adapters import AdapterMismatch, AdapterNotFound
     from generation.bundled import resolve_generator_model
     from generation.loading import load_generator
+    from generation.prompt import PROMPT_TEMPLATE_VERSION
 
     if strict is None:
         strict = "adapter" in settings.model_fields_set
@@ -391,6 +393,8 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
     loaded.abstain_margin = (settings.abstain_margin if settings.abstain_margin is not None
                              else float(metadata.get("abstain_margin", 0.0)))
     loaded.grounding = grounding_thresholds(settings, metadata)
+    # prompts are packed with the template the adapter was trained with (checked known), else the current one
+    loaded.prompt_template_version = metadata.get("prompt_template_version") or PROMPT_TEMPLATE_VERSION
     return loaded
 
 
@@ -441,7 +445,7 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
                                      read_adapter_config, read_metadata)
     from generation.loading import native_context, rope_scaling_for
     from generation.methods import serving_problem
-    from generation.prompt import PROMPT_TEMPLATE_VERSION
+    from generation.prompt import SYSTEM_PROMPTS
 
     if registry_only:
         registry = AdapterRegistry(settings.adapters_path)
@@ -462,7 +466,7 @@ def resolve_adapter(settings: Settings, ref: str, model_path: str, *,
     check_compatible(metadata, where=where, base_model=settings.generator_model,
                      context_window=settings.context_window,
                      rope_scaling=rope_scaling_for(native, settings.context_window),
-                     prompt_template_version=PROMPT_TEMPLATE_VERSION, adapter_config=read_adapter_config(folder))
+                     prompt_template_versions=tuple(SYSTEM_PROMPTS), adapter_config=read_adapter_config(folder))
     problem = serving_problem(metadata["method"], where, merge=settings.merge_adapter,
                               quantization=settings.quantization, backend=settings.generator_backend)
     if problem:

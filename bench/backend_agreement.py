@@ -64,7 +64,8 @@ def main() -> None:
         contexts = ev.scored_gold_contexts(build_embedder(settings))
         _, items = ev.load_eval_items(SQUAD / "dev-v1.1.json", args.limit, args.seed)
         remote.generate(pack_prompt(remote.tokenizer, "Warm-up?", contexts(items[0]),
-                                    context_window=remote.context_window, max_new_tokens=4), max_new_tokens=4)
+                                    context_window=remote.context_window, max_new_tokens=4,
+                                    template_version=remote.prompt_template_version), max_new_tokens=4)
 
         records, packed_prompts, started = [], [], time.perf_counter()
         seconds = {"transformers": 0.0, "vllm": 0.0}
@@ -73,8 +74,10 @@ def main() -> None:
                 break
             question, chunks = item.qa.question, contexts(item)
             kwargs = {"context_window": settings.context_window, "max_new_tokens": settings.max_new_tokens}
-            packed = pack_prompt(local.tokenizer, question, chunks, **kwargs)
-            same_prompt = pack_prompt(remote.tokenizer, question, chunks, **kwargs).input_ids == packed.input_ids
+            packed = pack_prompt(local.tokenizer, question, chunks, **kwargs,
+                                 template_version=local.prompt_template_version)
+            same_prompt = pack_prompt(remote.tokenizer, question, chunks, **kwargs,
+                                      template_version=remote.prompt_template_version).input_ids == packed.input_ids
             record = {"id": item.qa.qid, "question": question, "prompt_tokens": packed.n_tokens,
                       "same_prompt": same_prompt}
             for name, generator in (("transformers", local), ("vllm", remote)):

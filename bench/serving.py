@@ -62,7 +62,8 @@ def main() -> None:
         contexts = ev.scored_gold_contexts(build_embedder(settings))
         _, items = ev.load_eval_items(SQUAD / "dev-v1.1.json", args.requests, args.seed)
         prompts = [pack_prompt(local.tokenizer, item.qa.question, contexts(item),
-                               context_window=settings.context_window, max_new_tokens=settings.max_new_tokens)
+                               context_window=settings.context_window, max_new_tokens=settings.max_new_tokens,
+                               template_version=local.prompt_template_version)
                    for item in items]
         for name, generator in backends.items():
             generator.generate(prompts[0], max_new_tokens=4)  # warm-up (vLLM: the adapter is registered)

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -194,21 +195,28 @@ def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
 
 
 def check_compatible(metadata: dict[str, Any], *, where: str, base_model: str, context_window: int,
-                     rope_scaling: dict[str, Any] | None, prompt_template_version: str,
+                     rope_scaling: dict[str, Any] | None, prompt_template_versions: Collection[str],
                      adapter_config: dict[str, Any] | None = None) -> None:
     """Refuse an adapter trained for other serving settings; the message names both values.
 
-    The method must be recorded and known, and, given the adapter's ``adapter_config.json``, be what its
-    files hold (a DoRA or IA3 adapter recorded as ``lora`` would otherwise load with the wrong serving rules).
+    ``prompt_template_versions``: the versions this service can render (generation.prompt.SYSTEM_PROMPTS);
+    an adapter trained with any of them is served with its own. The method must be recorded and known,
+    and, given the adapter's ``adapter_config.json``, be what its files hold (a DoRA or IA3 adapter
+    recorded as ``lora`` would otherwise load with the wrong serving rules).
     """
-    serving = {"base_model": base_model, "context_window": context_window, "rope_scaling": rope_scaling,
-               "prompt_template_version": prompt_template_version}
+    serving = {"base_model": base_model, "context_window": context_window, "rope_scaling": rope_scaling}
     problems = []
     for key, value in serving.items():
         if key not in metadata:
             problems.append(f"{key}: not recorded by the adapter, serving {value!r}")
         elif _normalize(metadata[key]) != _normalize(value):
             problems.append(f"{key}: adapter trained with {metadata[key]!r}, serving {value!r}")
+    known = ", ".join(repr(v) for v in prompt_template_versions)
+    if "prompt_template_version" not in metadata:
+        problems.append(f"prompt_template_version: not recorded by the adapter, serving one of {known}")
+    elif metadata["prompt_template_version"] not in prompt_template_versions:
+        problems.append(f"prompt_template_version: adapter trained with {metadata['prompt_template_version']!r}, "
+                        f"unknown here (known: {known})")
     problem = method_problem(metadata, adapter_config)
     if problem:
         problems.append(problem)

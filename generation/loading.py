@@ -22,6 +22,7 @@ import torch
 
 from generation.grounding import Thresholds
 from generation.methods import Quantization
+from generation.prompt import PROMPT_TEMPLATE_VERSION
 
 if TYPE_CHECKING:
     from generation.generate import GenerationResult
@@ -114,6 +115,8 @@ class LoadedGenerator:
     # When an answer counts as grounded (generation/grounding.py); calibrated per adapter (its metadata).
     grounding: Thresholds = field(default_factory=Thresholds)
     adapter_name: str | None = None  # the registry label (name@version) served, None for the base model
+    # The system prompt its prompts are packed with (generation.prompt.SYSTEM_PROMPTS): the adapter's, else current.
+    prompt_template_version: str = PROMPT_TEMPLATE_VERSION
     backend: str = "transformers"
     virtual_tokens: int = 0  # positions a prompt/prefix-tuning adapter's virtual tokens take before every prompt
 

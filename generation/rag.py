@@ -27,7 +27,7 @@ from pydantic import Field
 from generation.generate import GenerationResult, Generator
 from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
                                   relevance_signals, verdict)
-from generation.prompt import PROMPT_TEMPLATE_VERSION, ContextChunk, PackedPrompt, pack_prompt
+from generation.prompt import ContextChunk, PackedPrompt, pack_prompt
 from ingestion.ledger import Ledger
 from retrieval.acl import Groups, visible
 from retrieval.bm25 import Filters
@@ -93,14 +93,16 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
     """Pack ``chunks``, generate when one is relevant enough, and decide what to return.
 
     ``generator`` is any backend (generation.generate.Generator: ``tokenizer``, ``context_window``,
-    ``grounding``, ``generate``). ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py),
-    or None; ``term_weights`` the live index's idf (``BM25Index.idf``) for the relevance signal.
+    ``grounding``, ``prompt_template_version``, ``generate``); the prompt is packed with its template version.
+    ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py), or None; ``term_weights``
+    the live index's idf (``BM25Index.idf``) for the relevance signal.
     ``on_text`` receives the raw answer as it is generated; the decision may still withdraw it.
     """
     thresholds = thresholds or generator.grounding
     with tracer.start_as_current_span("pack") as span:
         packed = pack_prompt(generator.tokenizer, question, chunks,
-                             context_window=generator.context_window, max_new_tokens=max_new_tokens)
+                             context_window=generator.context_window, max_new_tokens=max_new_tokens,
+                             template_version=generator.prompt_template_version)
         span.set_attributes({"rag.chunks_given": len(chunks), "rag.chunks_packed": len(packed.chunks),
                              "rag.prompt_tokens": packed.n_tokens, "rag.prompt_budget": packed.budget})
     with tracer.start_as_current_span("rerank") if scorer is not None else nullcontext():
@@ -177,7 +179,7 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
     return Answer(
         answer=decision.answer,
         citations=citations,
-        provenance={**provenance, "prompt_template_version": PROMPT_TEMPLATE_VERSION},
+        provenance={**provenance, "prompt_template_version": grounded.packed.template_version},
         timings_ms={
             "retrieval": round((retrieved - started) * 1000, 1),
             "generation": round((finished - retrieved) * 1000, 1),

@@ -38,7 +38,7 @@ import httpx
 
 from generation.generate import GenerationResult, TextDeltas, abstain_token_id
 from generation.grounding import Thresholds
-from generation.prompt import PackedPrompt, stop_token_ids
+from generation.prompt import PROMPT_TEMPLATE_VERSION, PackedPrompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,7 @@ class VllmGenerator:
     abstain_margin: float = 0.0
     grounding: Thresholds = field(default_factory=Thresholds)
     adapter_name: str | None = None
+    prompt_template_version: str = PROMPT_TEMPLATE_VERSION  # the adapter's, else the current one
     backend: str = "vllm"
     quantization: str = "none"  # vLLM's business
     health_timeout_s: float = 1.0

@@ -247,7 +247,7 @@ class RowBuilder:
 
     def _example(self, qa: QA, chunks: list[ContextChunk], kind: str) -> tuple[list[int], list[int]]:
         packed = pack_prompt(self.tokenizer, qa.question, chunks, context_window=self.context_window,
-                             max_new_tokens=self.max_new_tokens)
+                             max_new_tokens=self.max_new_tokens, template_version=PROMPT_TEMPLATE_VERSION)
         refs = [i for i, c in enumerate(packed.chunks, start=1) if c.chunk_id == "gold"]
         target = ABSTAIN_ANSWER if qa.impossible or not refs else format_answer(qa.best_answer, refs[0])
         return build_training_text(self.tokenizer, packed, target)

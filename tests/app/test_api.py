@@ -40,8 +40,27 @@ def test_query_returns_cited_answer_from_ingested_chunks(client, demo_services):
     assert body["citations"][0]["document_id"] == "vacation-and-leave.md"
     assert body["provenance"]["embedding_model"] == "bundled:all-MiniLM-L6-v2"
     assert body["provenance"]["index_generation"] == demo_services.generation.generation
-    assert body["provenance"]["prompt_template_version"]
+    assert body["provenance"]["prompt_template_version"] == "rag-v1"  # the shipped adapter's template
     assert set(body["timings_ms"]) == {"retrieval", "generation", "total"}
+
+
+def test_provenance_names_the_prompt_template_actually_used(client, demo_services):
+    """The shipped adapter was trained on rag-v1 and is served with it; the base model gets the current rag-v2."""
+    from generation.prompt import PROMPT_TEMPLATE_VERSION, pack_prompt, system_prompt
+
+    question = "How many vacation days do full-time employees get?"
+    shipped, base = demo_services.generator, demo_services.generator_for("none")
+    assert shipped.adapter_name.startswith("smollm2-squad@") and base.adapter_name is None
+    for generator, version in ((shipped, "rag-v1"), (base, PROMPT_TEMPLATE_VERSION)):
+        assert generator.prompt_template_version == version
+        packed = pack_prompt(generator.tokenizer, question, [], context_window=generator.context_window,
+                             max_new_tokens=8, template_version=generator.prompt_template_version)
+        assert packed.text.startswith("<|im_start|>system\n" + system_prompt(version) + "<|im_end|>")
+    assert PROMPT_TEMPLATE_VERSION == "rag-v2"
+    for adapter, version in (("smollm2-squad", "rag-v1"), ("none", "rag-v2")):
+        response = client.post("/query", json={"question": question, "adapter": adapter})
+        assert response.status_code == 200, response.text
+        assert response.json()["provenance"]["prompt_template_version"] == version, adapter
 
 
 def test_query_top_k_and_filters(client):

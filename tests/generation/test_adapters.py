@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,14 @@ def test_unknown_names_and_versions_are_named(tmp_path) -> None:
 
 def serving(**overrides):
     values = dict(base_model="bundled:SmolLM2-135M-Instruct", context_window=8192,
-                  rope_scaling={"rope_type": "linear", "factor": 2.0}, prompt_template_version="rag-v1")
+                  rope_scaling={"rope_type": "linear", "factor": 2.0}, prompt_template_versions=("rag-v1", "rag-v2"))
     values.update(overrides)
     return values
 
 
 def test_metadata_mismatch_names_both_values() -> None:
-    trained = dict(serving(), method="lora")
+    trained = {**serving(), "prompt_template_version": "rag-v1", "method": "lora"}
+    del trained["prompt_template_versions"]
     check_compatible(dict(trained, rope_scaling={"rope_type": "linear", "factor": 2}), where="x", **serving())
     with pytest.raises(AdapterMismatch) as info:
         check_compatible(trained, where="qa@v1", **serving(context_window=4096, rope_scaling=None))
@@ -75,9 +77,10 @@ def test_metadata_mismatch_names_both_values() -> None:
     with pytest.raises(AdapterMismatch, match="base_model: adapter trained with 'bundled:SmolLM2-135M-Instruct', "
                                               "serving 'meta-llama/Llama-2-13b-hf'"):
         check_compatible(trained, where="x", **serving(base_model="meta-llama/Llama-2-13b-hf"))
-    mismatch = "prompt_template_version: adapter trained with 'rag-v1', serving 'rag-v2'"
-    with pytest.raises(AdapterMismatch, match=mismatch):
-        check_compatible(trained, where="x", **serving(prompt_template_version="rag-v2"))
+    check_compatible(dict(trained, prompt_template_version="rag-v2"), where="x", **serving())  # any known version
+    mismatch = "prompt_template_version: adapter trained with 'rag-v9', unknown here (known: 'rag-v1', 'rag-v2')"
+    with pytest.raises(AdapterMismatch, match=re.escape(mismatch)):
+        check_compatible(dict(trained, prompt_template_version="rag-v9"), where="x", **serving())
     with pytest.raises(AdapterMismatch, match="not recorded"):
         check_compatible({}, where="x", **serving())
 
@@ -111,7 +114,7 @@ def test_missing_registry_names_the_path(tmp_path, tiny_model_dir, caplog) -> No
     assert str(missing) in caplog.text
 
 
-def real_adapter(folder: Path, model_dir: Path) -> Path:
+def real_adapter(folder: Path, model_dir: Path, template_version: str = PROMPT_TEMPLATE_VERSION) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -119,7 +122,7 @@ def real_adapter(folder: Path, model_dir: Path) -> Path:
                            LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(folder)
     meta = dict(base_model=str(model_dir), context_window=NATIVE, rope_scaling=None,
-                prompt_template_version=PROMPT_TEMPLATE_VERSION, method="lora")
+                prompt_template_version=template_version, method="lora")
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder
 
@@ -186,3 +189,23 @@ def test_a_request_adapter_is_a_registry_name_never_a_folder(tmp_path, tiny_mode
     with pytest.raises(AdapterBroken, match="'broken'") as raised:
         services.generator_for("broken")
     assert str(tmp_path) not in str(raised.value)
+
+
+def test_each_adapter_is_served_with_its_own_prompt_template(tmp_path, tiny_model_dir) -> None:
+    from app.container import Services
+    from generation.rag import grounded_generation
+    from generation.prompt import ContextChunk, system_prompt
+
+    registry = AdapterRegistry(tmp_path / "reg")
+    registry.publish("old", real_adapter(tmp_path / "a1", tiny_model_dir, "rag-v1"))
+    registry.publish("new", real_adapter(tmp_path / "a2", tiny_model_dir, "rag-v2"))
+    settings = tiny_settings(tmp_path, tiny_model_dir, adapters_dir=tmp_path / "reg", adapter="old")
+    old = build_generator(settings)
+    services = Services(settings=settings, ledger=None, chroma=None, embedder=None, chunker=None,  # type: ignore[arg-type]
+                        live=None, generator=old)
+    assert old.prompt_template_version == "rag-v1"
+    assert services.generator_for("new").prompt_template_version == "rag-v2"
+    assert services.generator_for("none").prompt_template_version == PROMPT_TEMPLATE_VERSION == "rag-v2"
+    for generator, version in ((old, "rag-v1"), (services.generator_for("new"), "rag-v2")):
+        packed = grounded_generation(generator, "Who?", [ContextChunk("Nobody.")], max_new_tokens=4).packed
+        assert packed.template_version == version and system_prompt(version) in packed.text

@@ -90,7 +90,7 @@ def test_each_method_trains_and_records_its_method(trained, method) -> None:
     assert meta["mergeable"] == METHODS[method].mergeable
     assert meta["num_virtual_tokens"] == config.virtual_tokens == (6 if method.endswith("_tuning") else 0)
     check_compatible(meta, where="x", base_model=config.base_model, context_window=WINDOW, rope_scaling=None,
-                     prompt_template_version=PROMPT_TEMPLATE_VERSION, adapter_config=read_adapter_config(folder))
+                     prompt_template_versions=(PROMPT_TEMPLATE_VERSION,), adapter_config=read_adapter_config(folder))
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
