@@ -102,7 +102,8 @@ def test_a_query_moves_requests_latency_tokens_and_answers(service):
     chunks = retrieve_context(live.retriever, services.ledger, live.generation.generation, QUESTION,
                               services.settings.top_k)
     packed = pack_prompt(generator.tokenizer, QUESTION, chunks, context_window=generator.context_window,
-                         max_new_tokens=services.settings.max_new_tokens)
+                         max_new_tokens=services.settings.max_new_tokens,
+                         template_version=generator.prompt_template_version)
     assert moved(before, after, "rag_prompt_tokens_total") == packed.n_tokens
     written = moved(before, after, "rag_completion_tokens_total")
     assert 1 <= written <= services.settings.max_new_tokens
