@@ -35,6 +35,7 @@ CONFIGS = REPO / "configs" / "train"
 METHODS = {  # method -> committed config
     "lora": "smollm2-squad.yaml",
     "qlora": "smollm2-squad-qlora.yaml",
+    "lora-8bit": "smollm2-squad-lora-8bit.yaml",
     "dora": "smollm2-squad-dora.yaml",
     "ia3": "smollm2-squad-ia3.yaml",
     "prompt_tuning": "smollm2-squad-prompt-tuning.yaml",

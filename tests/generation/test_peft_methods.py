@@ -273,9 +273,9 @@ def test_committed_training_configs_load_with_their_methods() -> None:
         if path.name.startswith("squad-answerability"):
             continue  # the cross-encoder's config (RerankerConfig)
         methods[path.name] = TrainConfig.from_yaml(path).method
-    assert {"lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning"} <= set(methods.values()), methods
+    assert {"lora", "qlora", "lora-8bit", "dora", "ia3", "prompt_tuning", "prefix_tuning"} <= set(methods.values()), methods
     shipped = TrainConfig.from_yaml(REPO / "configs" / "train" / "smollm2-squad.yaml")
-    for method in ("dora", "ia3", "prompt-tuning", "prefix-tuning"):
+    for method in ("qlora", "lora-8bit", "dora", "ia3", "prompt-tuning", "prefix-tuning"):
         config = TrainConfig.from_yaml(REPO / "configs" / "train" / f"smollm2-squad-{method}.yaml")
         # the same data, window and budget as the shipped LoRA config: the methods compare on equal footing
         for field in ("train_files", "train_rows", "validation_rows", "context_window", "seed", "time_budget_minutes"):
