@@ -110,6 +110,17 @@ def measure(runs: MethodRuns, qrels: Qrels, chunk_document: dict[str, str], alph
     return out
 
 
+def record_in_metadata(folder: Path, report: dict, ref: str, base: str) -> None:
+    """metadata.json's metrics["retrieval"]: this run's figures for the base model and for this one."""
+    from generation.adapters import read_metadata, write_metadata
+
+    metadata = read_metadata(folder)
+    metadata.setdefault("metrics", {})["retrieval"] = {
+        "command": "python bench/embedder_adaptation.py", "documents": report["documents"],
+        "splits": report["splits"], "before": report["models"].get(base), "after": report["models"][ref]}
+    write_metadata(folder, metadata)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="RAG_EMBEDDING_MODEL values, base model first")
@@ -132,6 +143,7 @@ def main() -> None:
     splits = {"train part": {q: qrels[q] for q in train_part}, "dev": {q: qrels[q] for q in dev_part}}
     if args.test_qrels:
         splits["test"] = load_qrels(args.test_qrels)
+    splits = {name: split for name, split in splits.items() if split}  # --dev-fraction 0: no dev rows
     all_queries = load_queries(queries)
     questions = {q: all_queries[q] for split in splits.values() for q in split}
     candidates = min(settings.candidates, DEPTH)
@@ -150,6 +162,8 @@ def main() -> None:
             label: {split: measure(runs, split_qrels, chunk_document, alpha, candidates)
                     for split, split_qrels in splits.items()} for label, alpha in alphas.items()}}
         print(ref, json.dumps(report["models"][ref]["alphas"]), flush=True)
+        if ref.startswith("embedder:") and not args.no_write:  # the registry model's metadata: before / after
+            record_in_metadata(Path(resolve_embedding_model(ref, args.registry)), report, ref, args.models[0])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     body = format_report(report, args, candidates)

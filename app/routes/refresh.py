@@ -23,7 +23,7 @@ async def _submit(services: Services, kind: str, request: Request, embedding_mod
         outcome, response = await run_in_threadpool(submit_refresh, services, kind, actor=caller_actor(request),
                                                      request_id=request_id(request), embedding_model=embedding_model)
     except ValueError as exc:  # the requested embedding model is not there
-        return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, content={"detail": str(exc)})
+        return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": str(exc)})
     if outcome == "active":
         return JSONResponse(status_code=status.HTTP_409_CONFLICT,
                             content={"detail": "a refresh or rollback is already queued or running",

@@ -12,7 +12,7 @@ With ``dev_fraction`` > 0 that share of the queries (seeded, by query) is held o
 Recall@100 on it are measured before and after over a document pool (BM25 top ``eval_pool`` of each
 held-out query plus its positives). Passages are ``title + "\\n" + text``, as chunks start with their header.
 
-The trained model is published into the embedder registry (ingestion/embedder_registry.py) with
+The trained model is published into the embedder registry (ingestion/registry.py) with
 metadata.json (base model, data digest, config text, metrics, loss history) and a loss-curve PNG.
 """
 
@@ -181,7 +181,7 @@ def training_rows(config: EmbedderTrainConfig, train: Labelled, corpus: dict[str
 def dense_metrics(model: Any, config: EmbedderTrainConfig, dev: Labelled, corpus: dict[str, str],
                   bm25: BM25Index) -> dict[str, float]:
     """Dense NDCG@10 and Recall@100 of the held-out queries over their document pool."""
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     pool: set[str] = set()
     for text, positives in dev.values():
@@ -206,8 +206,8 @@ def train_embedder(config: EmbedderTrainConfig, *, root: Path, registry_root: Pa
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     from ingestion.embedder import resolve_embedding_model
 
@@ -237,7 +237,7 @@ def train_embedder(config: EmbedderTrainConfig, *, root: Path, registry_root: Pa
         per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
         warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay, seed=config.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=config.logging_steps, save_strategy="no",
-        report_to="none", use_cpu=True, dataloader_drop_last=len(rows) > config.batch_size,
+        report_to="none", use_cpu=True,  # the last, smaller batch is kept: NO_DUPLICATES may leave many
         disable_tqdm=False)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                          loss=MultipleNegativesRankingLoss(model, scale=config.scale))
