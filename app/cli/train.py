@@ -127,4 +127,4 @@ def train_embedder(
                   cache_root=FINETUNE_CACHE / "embedders", config_text=text, activate=activate)
     except (FileNotFoundError, ValueError, LookupError) as exc:  # LoaderError is a ValueError
         fail(str(exc))
-    typer.echo(f"embedder {ref.label} -> {ref.path}\nserve it: RAG_EMBEDDING_MODEL=embedder:{ref.label} rag refresh")
+    typer.echo(f"embedder {ref.label} -> {ref.path}\nserve it: rag refresh --embedding-model embedder:{ref.label}")

@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     result = CliRunner().invoke(cli, ["train", "embedder", "--config", str(_training_files(folder)),
                                       "--registry", str(registry)])
     assert result.exit_code == 0, result.output
-    assert "embedder tiny@v1" in result.output
+    assert "embedder tiny@v1" in result.output and "rag refresh --embedding-model embedder:tiny@v1" in result.output
     return registry
 
 
