@@ -1,9 +1,11 @@
 """The composition root: builds the heavy objects once from Settings and hands them out.
 
 Used by the FastAPI lifespan and by CLI commands; nothing here is HTTP-specific, and nothing is
-built at import time. ``Services.live`` (the live generation, its collection and its retriever) is
-replaced as one reference whenever the BM25 index is rebuilt or another generation goes live, so a
-reader that takes ``services.live`` once sees a complete, consistent index for its whole request.
+built at import time. ``Services.live`` (the live generation, its collection, its retriever and the
+embedder of the model that generation records) is replaced as one reference whenever the BM25 index is
+rebuilt or another generation goes live, so a reader that takes ``services.live`` once sees a complete,
+consistent index, and embeds its question with that index's model, for its whole request.
+``Services.embedder`` is RAG_EMBEDDING_MODEL's: what the next refresh builds with.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def chunker_config(settings: Settings) -> dict[str, Any]:
-    """What a generation's chunks depend on; recorded with the generation."""
+    """What a generation's chunks depend on; recorded with the generation (its pinned model, see refresh)."""
     return {
         "embedding_model": settings.embedding_model,
         "passage_prefix": settings.embedding_passage_prefix,
@@ -46,9 +48,19 @@ def chunker_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def build_embedder(settings: Settings) -> Embedder:
-    return Embedder(settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size,
-                    query_prefix=settings.embedding_query_prefix, passage_prefix=settings.embedding_passage_prefix)
+def build_embedder(settings: Settings, model: str | None = None) -> Embedder:
+    """The embedder of ``model`` (default RAG_EMBEDDING_MODEL; a registry model that is not there is an
+    EmbedderNotFound naming the setting and what to do)."""
+    return Embedder(model or settings.embedding_model, device=settings.device,
+                    batch_size=settings.embedding_batch_size, query_prefix=settings.embedding_query_prefix,
+                    passage_prefix=settings.embedding_passage_prefix, registry_root=settings.embedders_dir)
+
+
+def pinned_embedding_model(settings: Settings) -> str:
+    """RAG_EMBEDDING_MODEL with a registry model's active version made explicit (what a generation records)."""
+    from ingestion.embedder import pin_embedding_model
+
+    return pin_embedding_model(settings.embedding_model, settings.embedders_dir)
 
 
 def build_chunker(settings: Settings, embedder: Embedder) -> SemanticChunker:
@@ -64,7 +76,7 @@ def bm25_root(settings: Settings, generation: GenerationRow) -> Path:
 
 def refresh_config(settings: Settings) -> RefreshConfig:
     return RefreshConfig(
-        collection_prefix=settings.collection_prefix, embedding_model=settings.embedding_model,
+        collection_prefix=settings.collection_prefix, embedding_model=pinned_embedding_model(settings),
         chunker_config=chunker_config(settings), bm25_language=settings.bm25_language,
         batch_documents=settings.ingest_batch_documents, min_chunk_ratio=settings.refresh_min_chunk_ratio,
         max_chunk_ratio=settings.refresh_max_chunk_ratio, golden_queries=settings.refresh_golden_queries,
@@ -75,11 +87,14 @@ def refresh_config(settings: Settings) -> RefreshConfig:
 
 @dataclass(frozen=True)
 class LiveIndex:
-    """What a reader uses together: the live generation, its Chroma collection, its retriever."""
+    """What a reader uses together: the live generation, its Chroma collection, its retriever, and the
+    embedder and chunker of the model the generation records (the retriever embeds questions with it)."""
 
     generation: GenerationRow
     dense: DenseIndex
     retriever: HybridRetriever
+    embedder: Embedder
+    chunker: SemanticChunker
 
 
 @dataclass
@@ -97,7 +112,12 @@ class Services:
     switch_pending: threading.Event = field(default_factory=threading.Event)  # set: no new ingest job starts
     wake_workers: Any = lambda: None  # set by whoever runs the job workers (the service)
     gate: GenerationGate | None = None
-    query_cache: QueryVectorCache | None = None  # outlives retriever swaps (same embedder)
+    query_cache: QueryVectorCache | None = None  # RAG_EMBEDDING_MODEL's; outlives retriever swaps
+    embedding_model: str = ""  # RAG_EMBEDDING_MODEL pinned (registry version explicit), set by build_services
+    # other recorded models' embedders and query caches (a generation built with another model), by pinned name
+    _embedders: dict = field(default_factory=dict)
+    _query_caches: dict = field(default_factory=dict)
+    _embedder_lock: threading.Lock = field(default_factory=threading.Lock)
     _adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter ref -> LoadedGenerator, LRU order
     _adapter_lock: threading.Lock = field(default_factory=threading.Lock)  # guards the two dicts
     _adapter_loads: dict = field(default_factory=dict)  # adapter ref -> threading.Lock held while it loads
@@ -186,15 +206,35 @@ class Services:
     def bm25(self) -> BM25Index:
         return self.live.retriever.bm25
 
-    def make_retriever(self, bm25: BM25Index, dense: DenseIndex | None = None) -> HybridRetriever:
+    def embedder_for(self, model: str) -> Embedder:
+        """The embedder of a recorded (pinned) model: RAG_EMBEDDING_MODEL's, or one loaded once and kept."""
+        if model == self.embedding_model or not self.embedding_model:
+            return self.embedder
+        with self._embedder_lock:
+            if model not in self._embedders:
+                self._embedders[model] = build_embedder(self.settings, model)
+                if self.settings.query_cache_size:
+                    self._query_caches[model] = QueryVectorCache(self.settings.query_cache_size)
+            return self._embedders[model]  # type: ignore[no-any-return]
+
+    def chunker_for(self, embedder: Embedder) -> SemanticChunker:
+        return self.chunker if embedder is self.embedder else build_chunker(self.settings, embedder)
+
+    def make_retriever(self, bm25: BM25Index, dense: DenseIndex | None = None,
+                       embedder: Embedder | None = None) -> HybridRetriever:
+        """A retriever embedding questions with `embedder` (default: the live generation's)."""
         tuning = self.settings
-        return HybridRetriever(embedder=self.embedder, dense=dense or self.dense, bm25=bm25, fusion=tuning.fusion,
+        embedder = embedder or (self.live.embedder if self.live else self.embedder)
+        cache = self.query_cache if embedder is self.embedder else self._query_caches.get(embedder.name)
+        return HybridRetriever(embedder=embedder, dense=dense or self.dense, bm25=bm25, fusion=tuning.fusion,
                                alpha=tuning.fusion_alpha, rrf_k=tuning.rrf_k, candidates=tuning.candidates,
-                               query_cache=self.query_cache)
+                               query_cache=cache)
 
     def install(self, generation: GenerationRow, dense: DenseIndex, bm25: BM25Index) -> None:
-        """Make this generation what readers see: one reference assignment."""
-        self.live = LiveIndex(generation, dense, self.make_retriever(bm25, dense))
+        """Make this generation what readers see, with the embedder of the model it records: one assignment."""
+        embedder = self.embedder_for(generation.embedding_model)
+        self.live = LiveIndex(generation, dense, self.make_retriever(bm25, dense, embedder), embedder,
+                              self.chunker_for(embedder))
 
     def use_bm25(self, bm25: BM25Index, generation: int | None = None) -> None:
         """A rebuilt BM25 index of the live generation (ignored when that generation is no longer live)."""
@@ -207,8 +247,8 @@ class Services:
         live = self.live
         number = live.generation.generation
         return Indexer(ledger=self.ledger, generation=live.generation, dense=live.dense,
-                       bm25_root=bm25_root(self.settings, live.generation), chunker=self.chunker,
-                       embedder=self.embedder, bm25_language=self.settings.bm25_language,
+                       bm25_root=bm25_root(self.settings, live.generation), chunker=live.chunker,
+                       embedder=live.embedder, bm25_language=self.settings.bm25_language,
                        batch_documents=self.settings.ingest_batch_documents,
                        on_bm25_rebuilt=lambda bm25: self.use_bm25(bm25, number),
                        chroma_path=None if self.settings.chroma_host else self.settings.chroma_path,
@@ -250,7 +290,8 @@ class Services:
         if live is not None:
             dense = DenseIndex(client, live.generation.collection, embedding_model=live.dense.embedding_model,
                                dimension=live.dense.dimension)
-            self.live = LiveIndex(live.generation, dense, self.make_retriever(live.retriever.bm25, dense))
+            retriever = self.make_retriever(live.retriever.bm25, dense, live.embedder)
+            self.live = LiveIndex(live.generation, dense, retriever, live.embedder, live.chunker)
         self.chroma = client
         try:
             old.stop()  # a reader still holding it gets an error, not a hang
@@ -279,8 +320,9 @@ class Services:
         return RefreshContext(
             ledger=self.ledger, chroma=self.chroma, embedder=self.embedder, chunker=self.chunker,
             bm25_root=lambda generation: bm25_root(self.settings, generation),
-            make_retriever=lambda dense, bm25: self.make_retriever(bm25, dense),
-            on_switch=self.install, switch_lock=self.switch_turn(),
+            make_retriever=lambda dense, bm25, embedder: self.make_retriever(bm25, dense, embedder),
+            embedder_for=self.embedder_for, chunker_for=self.chunker_for, on_switch=self.install,
+            switch_lock=self.switch_turn(),
             chroma_path=None if self.settings.chroma_host else self.settings.chroma_path,
             should_stop=should_stop, report=report,
         )
@@ -295,28 +337,30 @@ class Services:
         return {
             "index_collection": live.generation.collection,
             "index_generation": live.generation.generation,
-            "embedding_model": self.settings.embedding_model,
+            "embedding_model": live.generation.embedding_model,
             "generator_model": self.settings.generator_model,
             "adapter": getattr(generator, "adapter_name", None) if generator else None,
             "reranker": getattr(self.reranker, "name", None),
         }
 
 
-def open_live_generation(settings: Settings, ledger: Ledger, client: Any,
-                         embedder: Embedder) -> tuple[GenerationRow, DenseIndex]:
-    """The live generation and its collection; the first start creates generation 1 and makes it live."""
+def open_live_generation(settings: Settings, ledger: Ledger, client: Any, embedder: Embedder,
+                         model: str) -> tuple[GenerationRow, DenseIndex]:
+    """The live generation and its collection, opened with the embedding model it records (its
+    collection must record the same: EmbeddingModelMismatch otherwise); the first start creates
+    generation 1 with ``model`` (RAG_EMBEDDING_MODEL pinned) and makes it live."""
     generation = ledger.live_generation()
     if generation is None:
-        generation = ledger.create_generation(settings.collection_prefix, settings.embedding_model,
-                                              embedder.dimension, chunker_config(settings))
-        dense = DenseIndex(client, generation.collection, embedding_model=settings.embedding_model,
+        generation = ledger.create_generation(settings.collection_prefix, model, embedder.dimension,
+                                              {**chunker_config(settings), "embedding_model": model})
+        dense = DenseIndex(client, generation.collection, embedding_model=model,
                            dimension=embedder.dimension, create=True)
         ledger.switch_live(generation.generation)
         generation = ledger.live_generation()
         assert generation is not None
         return generation, dense
-    dense = DenseIndex(client, generation.collection, embedding_model=settings.embedding_model,
-                       dimension=embedder.dimension)
+    dense = DenseIndex(client, generation.collection, embedding_model=generation.embedding_model,
+                       dimension=generation.dimension)
     return generation, dense
 
 
@@ -331,9 +375,9 @@ def build_services(settings: Settings, *, load_generator: bool = True, reconcile
                            ssl=settings.chroma_ssl, timeout_s=settings.chroma_timeout_s)
     embedder = embedder or build_embedder(settings)
     services = Services(settings=settings, ledger=ledger, chroma=client, embedder=embedder,
-                        chunker=build_chunker(settings, embedder))
+                        chunker=build_chunker(settings, embedder), embedding_model=pinned_embedding_model(settings))
     if open_live:
-        generation, dense = open_live_generation(settings, ledger, client, embedder)
+        generation, dense = open_live_generation(settings, ledger, client, embedder, services.embedding_model)
         bm25 = BM25Index.load(bm25_root(settings, generation), language=settings.bm25_language)
         if bm25 is None:
             bm25 = BM25Index.build([], [], {}, language=settings.bm25_language)

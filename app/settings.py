@@ -32,6 +32,7 @@ REPO_ADAPTERS = (SHIPPED / "adapters").resolve()  # ships the trained adapter
 # Development commands only (evaluation, training, benchmarks): the checkout, for its .cache/, docs/, rerankers/.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_RERANKERS = REPO_ROOT / "rerankers"  # the answerability cross-encoder, when one is trained (none ships)
+REPO_EMBEDDERS = REPO_ROOT / "embedders"  # fine-tuned embedders (`rag train embedder`; git-ignored: ~90 MB each)
 TUNED_FIELDS = ("fusion", "fusion_alpha", "rrf_k", "candidates")  # what a tuning file may set
 
 CommaList = Annotated[list[str], NoDecode]
@@ -61,7 +62,11 @@ class Settings(BaseSettings):
     collection_prefix: str = Field("chunks", min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$")
 
     # --- embedding + chunking ------------------------------------------------------------------
-    embedding_model: str = BUNDLED_EMBEDDING_MODEL
+    embedding_model: str = Field(BUNDLED_EMBEDDING_MODEL, description=(
+        "bundled:all-MiniLM-L6-v2, a Hugging Face id or folder, or embedder:<name>[@<version>] in "
+        "RAG_EMBEDDERS_DIR. Changing it takes a full refresh (`rag refresh`): the live generation keeps "
+        "serving with the model that built it until the new generation is switched in."))
+    embedders_dir: Path = Field(REPO_EMBEDDERS, description="Embedder registry (default: the repo's embedders/).")
     embedding_query_prefix: str = Field("", description='e5 models use "query: ".')
     embedding_passage_prefix: str = Field("", description='e5 models use "passage: ".')
     embedding_batch_size: int = Field(32, ge=1, le=4096)

@@ -194,16 +194,35 @@ class JobWorker:
             self._wake.wait(self.poll_s)
 
 
+def requested_embedding_model(services: Services, ref: str) -> str:
+    """``ref`` pinned (a registry model's active version made explicit), checked to exist; ValueError naming
+    it and what to do otherwise."""
+    from app.container import pinned_embedding_model
+    from ingestion.embedder import resolve_embedding_model
+
+    settings = services.settings.model_copy(update={"embedding_model": ref})
+    try:
+        pinned = pinned_embedding_model(settings)
+        resolve_embedding_model(pinned, settings.embedders_dir)
+    except (LookupError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"embedding model {ref!r} is not available: {exc}") from None
+    return pinned
+
+
 def submit_refresh(services: Services, kind: str = "refresh", *, actor: dict | None = None,
-                   request_id: str | None = None) -> tuple[str, dict]:
+                   request_id: str | None = None, embedding_model: str | None = None) -> tuple[str, dict]:
     """Queue a refresh or rollback: ("accepted", response), or ("active", {"job_id": the unfinished one})
-    when one is already queued or running. Wakes the workers. `actor` (default: this process) asked for it."""
+    when one is already queued or running. Wakes the workers. `actor` (default: this process) asked for it.
+    `embedding_model` (a refresh only): build the new generation with this model instead of RAG_EMBEDDING_MODEL
+    (checked and pinned here, recorded in the job: a resumed job keeps it)."""
     def respond(job_id: str) -> dict:
         return {"job_id": job_id, "kind": kind, "status": "queued", "status_url": f"/jobs/{job_id}"}
 
     requested = {"actor": actor or services.audit.actor, "request_id": request_id}
-    outcome, response = services.ledger.accept_job(kind, {"requested_by": requested}, respond=respond,
-                                                   unless_active=REFRESH_KINDS)
+    params: dict = {"requested_by": requested}
+    if embedding_model and kind == "refresh":
+        params["embedding_model"] = requested_embedding_model(services, embedding_model)
+    outcome, response = services.ledger.accept_job(kind, params, respond=respond, unless_active=REFRESH_KINDS)
     services.audit.record(f"{kind}_requested", actor=requested["actor"], request_id=request_id,
                           job_id=response["job_id"], outcome="accepted" if outcome == "accepted" else "already_active")
     if outcome == "accepted":

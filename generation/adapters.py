@@ -8,7 +8,7 @@ Layout::
     <root>/<name>/HISTORY      versions activated, oldest first; rollback steps back through it
 
 Versions are ``v1``, ``v2``, ... in publication order. A reference is ``name`` (its active version, else
-its latest) or ``name@version``. Pointer files are replaced atomically (write + rename).
+its latest) or ``name@version``. The registry mechanics (pointers, publish, rollback) are ingestion/registry.py's.
 Before an adapter is served, :func:`check_compatible` compares its metadata with the serving settings, and the
 method its metadata records with what its files hold.
 """
@@ -16,24 +16,20 @@ method its metadata records with what its files hold.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from generation.methods import METHODS, peft_kind, spec_kind
+from ingestion.registry import ModelNotFound, RegistryRef, VersionedRegistry, write_atomic
 
 METADATA = "metadata.json"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # name or name@version: what a request may name (never a path: no '/', and no leading '.')
 ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[A-Za-z0-9][A-Za-z0-9._-]{0,49})?$")
 
 
-class AdapterNotFound(LookupError):
+class AdapterNotFound(ModelNotFound):
     pass
 
 
@@ -45,68 +41,13 @@ class AdapterBroken(RuntimeError):
     """The adapter is in the registry but its files do not load."""
 
 
-@dataclass(frozen=True)
-class AdapterRef:
-    name: str
-    version: str
-    path: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}@{self.version}"
+AdapterRef = RegistryRef
 
 
-def _version_number(version: str) -> int:
-    match = re.fullmatch(r"v(\d+)", version)
-    return int(match.group(1)) if match else -1
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-class AdapterRegistry:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    # --- reading ---------------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
-
-    def versions(self, name: str) -> list[str]:
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        found = [p.name for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file()]
-        return sorted(found, key=lambda v: (_version_number(v), v))
-
-    def active(self, name: str) -> str | None:
-        pointer = self.root / name / "ACTIVE"
-        if pointer.is_file():
-            version = pointer.read_text().strip()
-            return version or None
-        return None
-
-    def history(self, name: str) -> list[str]:
-        path = self.root / name / "HISTORY"
-        return [line for line in path.read_text().split() if line] if path.is_file() else []
-
-    def resolve(self, ref: str) -> AdapterRef:
-        """``name`` or ``name@version`` -> the adapter folder; AdapterNotFound names what was looked for."""
-        name, _, version = ref.partition("@")
-        versions = self.versions(name)
-        if not versions:
-            where = self.root / name
-            raise AdapterNotFound(f"adapter {name!r} not found in the registry (no versions under {where})")
-        version = version or self.active(name) or versions[-1]
-        if version not in versions:
-            raise AdapterNotFound(f"adapter {name!r} has no version {version!r} (have: {', '.join(versions)})")
-        return AdapterRef(name, version, self.root / name / version)
+class AdapterRegistry(VersionedRegistry):
+    kind = "adapter"
+    marker = "adapter_config.json"
+    not_found = AdapterNotFound
 
     def entries(self) -> list[dict[str, Any]]:
         """Every version of every adapter, with its metadata summary and whether it is active."""
@@ -120,47 +61,6 @@ class AdapterRegistry:
                              "method": meta.get("method"),
                              "metrics": meta.get("metrics", {})})
         return rows
-
-    # --- writing ---------------------------------------------------------------------------------
-    def publish(self, name: str, source: Path, *, activate: bool = True) -> AdapterRef:
-        """Copy the adapter folder ``source`` in as the next version of ``name``."""
-        if not NAME_RE.match(name):
-            raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        numbers = [_version_number(v) for v in self.versions(name)]
-        version = f"v{max(numbers, default=0) + 1}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder))
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        os.rename(tmp, folder / version)  # atomic: a version folder is complete or absent
-        if activate:
-            self.activate(name, version)
-        return AdapterRef(name, version, folder / version)
-
-    def activate(self, name: str, version: str | None = None) -> AdapterRef:
-        """Point ``name`` at ``version`` (default: its latest) and record it for rollback."""
-        if version is None:
-            versions = self.versions(name)
-            version = versions[-1] if versions else None
-        ref = self.resolve(f"{name}@{version}" if version else name)
-        _write_atomic(self.root / name / "ACTIVE", ref.version + "\n")
-        history = self.history(name)
-        if not history or history[-1] != ref.version:
-            _write_atomic(self.root / name / "HISTORY", "\n".join(history + [ref.version]) + "\n")
-        return ref
-
-    def rollback(self, name: str) -> AdapterRef:
-        """Re-activate the version active before the current one."""
-        history = self.history(name)
-        current = self.active(name)
-        while history and history[-1] == current:
-            history.pop()
-        if not history:
-            raise AdapterNotFound(f"adapter {name!r}: no earlier activation to roll back to")
-        ref = self.resolve(f"{name}@{history[-1]}")
-        _write_atomic(self.root / name / "ACTIVE", ref.version + "\n")
-        _write_atomic(self.root / name / "HISTORY", "\n".join(history) + "\n")
-        return ref
 
 
 def locate(ref: str, registry_root: Path) -> tuple[Path, str]:
@@ -191,7 +91,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
     """Replace an adapter's metadata.json atomically (a loading service never reads half of it)."""
-    _write_atomic(Path(folder) / METADATA, json.dumps(metadata, indent=2) + "\n")
+    write_atomic(Path(folder) / METADATA, json.dumps(metadata, indent=2) + "\n")
 
 
 def check_compatible(metadata: dict[str, Any], *, where: str, base_model: str, context_window: int,

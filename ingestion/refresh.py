@@ -16,6 +16,13 @@ later passes or in step 4: nothing is lost, and no ingest job waits for the buil
 A rollback makes the previous generation live again after the same catch-up (its document versions
 were snapshotted when it was switched out), so it also holds every change made since.
 
+The embedding model: a generation is built, caught up, validated and served with the model it records
+(``GenerationRow.embedding_model``). A new refresh builds with ``RefreshConfig.embedding_model`` (or the
+model its job names, ``payload["embedding_model"]``: ``rag refresh --embedding-model``); a resumed job
+continues with the model its generation records; a rollback returns to the model of the generation it
+makes live. ``on_switch`` receives the generation row, so the service swaps query embedder and indexes
+in one step (app/container.py).
+
 Crash safety: every step writes Chroma before the ledger transaction that records it (orphans, never
 missing vectors), so a resumed job first removes the building generation's orphans, then continues
 with the documents still pending. A failed validation or error marks the building generation failed
@@ -74,15 +81,26 @@ class RefreshContext:
 
     ledger: Ledger
     chroma: Any  # a chromadb client
-    embedder: PassageEmbedder  # ingestion.embedder.Embedder
+    embedder: PassageEmbedder  # ingestion.embedder.Embedder of RefreshConfig.embedding_model
     chunker: Chunker  # ingestion.chunker.SemanticChunker
     bm25_root: Callable[[GenerationRow], Path]
-    make_retriever: Callable[[DenseIndex, BM25Index], Any]  # -> retrieval.hybrid.HybridRetriever
+    make_retriever: Callable[[DenseIndex, BM25Index, PassageEmbedder], Any]  # -> retrieval.hybrid.HybridRetriever
+    # another recorded embedding model's embedder and chunker (None: every generation uses `embedder`)
+    embedder_for: Callable[[str], PassageEmbedder] | None = None
+    chunker_for: Callable[[PassageEmbedder], Chunker] | None = None
     on_switch: Callable[[GenerationRow, DenseIndex, BM25Index], None] = lambda *_: None
     switch_lock: AbstractContextManager[object] = field(default_factory=nullcontext)
     chroma_path: Path | None = None  # embedded Chroma: where dropped collections' files are reclaimed
     should_stop: Callable[[], bool] = lambda: False
     report: Report | None = None
+
+
+def _models(ctx: RefreshContext, model: str) -> tuple[PassageEmbedder, Chunker]:
+    """(embedder, chunker) of the embedding model ``model``; without ``embedder_for``, the context's own."""
+    if ctx.embedder_for is None:
+        return ctx.embedder, ctx.chunker
+    embedder = ctx.embedder_for(model)
+    return embedder, ctx.chunker_for(embedder) if ctx.chunker_for else ctx.chunker
 
 
 # --- building one generation ---------------------------------------------------------------------
@@ -237,7 +255,7 @@ def golden_recall(queries: Sequence[GoldenQuery], retriever: Any, ledger: Ledger
 
 
 def validate(ctx: RefreshContext, config: RefreshConfig, generation: GenerationRow, dense: DenseIndex,
-             bm25: BM25Index) -> dict[str, Any]:
+             bm25: BM25Index, embedder: PassageEmbedder) -> dict[str, Any]:
     """The validation report; raises RefreshFailed with the reason when the generation must not go live."""
     ledger = ctx.ledger
     report: dict[str, Any] = check_integrity(ledger, generation.generation, dense, bm25)
@@ -248,7 +266,7 @@ def validate(ctx: RefreshContext, config: RefreshConfig, generation: GenerationR
         queries = load_golden_queries(config.golden_queries)
     else:
         queries = sample_golden_queries(ledger, config.golden_sample, seed=generation.generation)
-    recall, missed = golden_recall(queries, ctx.make_retriever(dense, bm25), ledger, generation.generation,
+    recall, missed = golden_recall(queries, ctx.make_retriever(dense, bm25, embedder), ledger, generation.generation,
                                    config.golden_top_k)
     report.update(golden_queries=len(queries), golden_recall=recall)
     if recall is not None and recall < config.min_recall:
@@ -285,21 +303,24 @@ def _refresh(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict[st
     progress = dict(job.progress)
     generation = ledger.generation(progress["generation"]) if "generation" in progress else None
     if generation is None:
-        generation = ledger.create_generation(config.collection_prefix, config.embedding_model,
-                                              ctx.embedder.dimension, config.chunker_config, job_id=job.job_id)
+        model = (job.payload or {}).get("embedding_model") or config.embedding_model  # pinned when asked for
+        embedder, _ = _models(ctx, model)
+        generation = ledger.create_generation(config.collection_prefix, model, embedder.dimension,
+                                              {**config.chunker_config, "embedding_model": model}, job_id=job.job_id)
         progress["generation"] = generation.generation
     if generation.state == "live":  # the switch committed before the process died
         return _after_switch(ctx, job, progress)
     if generation.state != "building":
         raise RefreshFailed(f"generation {generation.generation} is {generation.state}, not building")
-    dense = DenseIndex(ctx.chroma, generation.collection, embedding_model=config.embedding_model,
-                       dimension=ctx.embedder.dimension, create=True)
-    builder = _builder(ctx, config, generation, dense)
+    embedder, chunker = _models(ctx, generation.embedding_model)  # a resumed job: the model it began with
+    dense = DenseIndex(ctx.chroma, generation.collection, embedding_model=generation.embedding_model,
+                       dimension=embedder.dimension, create=True)
+    builder = _builder(ctx, config, generation, dense, embedder, chunker)
     if progress.get("attempts", 1) > 1:
         builder.indexer.reconcile(bm25=False)  # vectors of a step that never committed
     bm25 = _build(ctx, builder, job, progress)
     _report(ctx, job, progress, phase="validating")
-    progress["validation"] = validate(ctx, config, generation, dense, bm25)
+    progress["validation"] = validate(ctx, config, generation, dense, bm25, embedder)
     _switch(ctx, builder, job, progress, bm25)
     return _after_switch(ctx, job, progress)
 
@@ -321,11 +342,13 @@ def _rollback(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict[s
         raise RefreshFailed(f"generation {generation.generation} is {generation.state}; "
                             "only the previous generation can be rolled back to")
     try:
-        dense = DenseIndex(ctx.chroma, generation.collection, embedding_model=config.embedding_model,
-                           dimension=ctx.embedder.dimension)
-    except EmbeddingModelMismatch as exc:
-        raise RefreshFailed(f"cannot roll back with the current embedding model: {exc}") from None
-    builder = _builder(ctx, config, generation, dense)
+        embedder, chunker = _models(ctx, generation.embedding_model)  # back to the model it was built with
+        dense = DenseIndex(ctx.chroma, generation.collection, embedding_model=generation.embedding_model,
+                           dimension=embedder.dimension)
+    except (EmbeddingModelMismatch, LookupError, OSError) as exc:
+        raise RefreshFailed(f"cannot roll back to generation {generation.generation} "
+                            f"({generation.embedding_model}): {exc}") from None
+    builder = _builder(ctx, config, generation, dense, embedder, chunker)
     builder.indexer.reconcile(bm25=False)
     bm25 = _build(ctx, builder, job, progress)
     progress["validation"] = check_integrity(ledger, generation.generation, dense, bm25)
@@ -333,10 +356,10 @@ def _rollback(ctx: RefreshContext, config: RefreshConfig, job: JobRow) -> dict[s
     return _after_switch(ctx, job, progress)
 
 
-def _builder(ctx: RefreshContext, config: RefreshConfig, generation: GenerationRow,
-             dense: DenseIndex) -> GenerationBuilder:
+def _builder(ctx: RefreshContext, config: RefreshConfig, generation: GenerationRow, dense: DenseIndex,
+             embedder: PassageEmbedder, chunker: Chunker) -> GenerationBuilder:
     indexer = Indexer(ledger=ctx.ledger, generation=generation, dense=dense, bm25_root=ctx.bm25_root(generation),
-                      chunker=ctx.chunker, embedder=ctx.embedder, bm25_language=config.bm25_language,
+                      chunker=chunker, embedder=embedder, bm25_language=config.bm25_language,
                       chroma_path=ctx.chroma_path)
     return GenerationBuilder(ctx.ledger, generation, dense, indexer, batch_documents=config.batch_documents)
 

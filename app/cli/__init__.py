@@ -28,10 +28,11 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     configure_logging()  # text at INFO until a command loads its settings (app.cli.common.load_settings)
     from ingestion.model_files import ModelUnavailable
+    from ingestion.registry import ModelNotFound
     from retrieval.dense import ChromaUnavailable
 
     try:
         cli()
-    except (ChromaUnavailable, ModelUnavailable) as exc:  # a missing part: one line, never a traceback
+    except (ChromaUnavailable, ModelUnavailable, ModelNotFound) as exc:  # a missing part: one line, never a traceback
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(1)

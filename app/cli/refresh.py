@@ -1,4 +1,8 @@
-"""`rag refresh [--rollback]`: a full refresh, or a rollback to the previous generation.
+"""`rag refresh [--rollback] [--embedding-model REF]`: a full refresh, or a rollback to the previous generation.
+
+A refresh builds the new generation with RAG_EMBEDDING_MODEL, or with --embedding-model (e.g. a model from
+`rag train embedder`: embedder:scifact); each generation is served with the model it records, so after the
+switch questions embed with the new model and after `--rollback` with the old one again.
 
 When a service answers on RAG_HOST:RAG_PORT the command asks it (admin POST /refresh), so that one
 process writes the data directory, and follows the job; otherwise it runs the job in this process under
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,12 +28,22 @@ def register(cli: typer.Typer) -> None:
 def refresh(
     rollback: Annotated[bool, typer.Option("--rollback", help="Make the previous generation live again.")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job to its end (service only).")] = True,
+    embedding_model: Annotated[Optional[str], typer.Option(
+        help="Build the new generation with this embedding model (default RAG_EMBEDDING_MODEL): "
+             "embedder:<name>[@<version>], bundled:..., or a folder.")] = None,
 ) -> None:
     """Rebuild the index as a new generation, validate it and switch to it (or roll back)."""
     settings = load_settings()
     kind = "rollback" if rollback else "refresh"
+    if embedding_model and rollback:
+        fail("--embedding-model is for a refresh; a rollback returns to the previous generation's own model")
     client = running_service(settings)
-    job = _through_service(client, kind, wait) if client is not None else _in_process(settings, kind)
+    if client is not None:
+        job = _through_service(client, kind, wait, embedding_model)
+    else:
+        if embedding_model:
+            settings = settings.model_copy(update={"embedding_model": embedding_model})
+        job = _in_process(settings, kind)
     if job is None:
         return
     typer.echo(json.dumps({k: job[k] for k in ("job_id", "kind", "status", "progress", "error")}, indent=2))
@@ -37,8 +51,9 @@ def refresh(
         raise typer.Exit(1)
 
 
-def _through_service(client, kind: str, wait: bool) -> dict | None:
-    response = client.post("/refresh/rollback" if kind == "rollback" else "/refresh")
+def _through_service(client, kind: str, wait: bool, embedding_model: str | None = None) -> dict | None:
+    params = {"embedding_model": embedding_model} if embedding_model else None
+    response = client.post("/refresh/rollback" if kind == "rollback" else "/refresh", params=params)
     body = response.json()
     if response.status_code == 409:
         typer.echo(f"a refresh or rollback is already running (job {body['job_id']}); following it")
@@ -68,6 +83,8 @@ def _in_process(settings, kind: str) -> dict:
         with writer_lock(settings.data_dir):
             try:
                 services = build_services(settings, load_generator=False, reconcile=True)
+            except LookupError as exc:  # the embedding model named is not in its registry
+                fail(str(exc))
             except EmbeddingModelMismatch as exc:
                 if kind == "rollback":
                     fail(str(exc))

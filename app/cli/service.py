@@ -224,7 +224,7 @@ def preflight(settings: Settings) -> None:
     from ingestion.embedder import resolve_embedding_model
     from retrieval.dense import chroma_client
 
-    resolve_embedding_model(settings.embedding_model)
+    resolve_embedding_model(settings.embedding_model, settings.embedders_dir)
     if settings.load_generator:
         resolve_generator_model(settings.generator_model, settings.models_path)
     if settings.chroma_host:

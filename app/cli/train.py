@@ -1,4 +1,5 @@
-"""`rag train --config configs/train/<name>.yaml`: fine-tune the generator (logic in generation/finetune/)."""
+"""`rag train --config configs/train/<name>.yaml`: fine-tune the generator, the reranker or the embedder
+(logic in generation/finetune/)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from app.settings import REPO_ROOT
 FINETUNE_CACHE = REPO_ROOT / ".cache" / "finetune"
 
 
-train_app = typer.Typer(help="Train the generator's adapter (rag train --config ...) or the reranker "
-                                 "(rag train reranker --config ...).", invoke_without_command=True)
+train_app = typer.Typer(help="Train the generator's adapter (rag train --config ...), the reranker "
+                                 "(rag train reranker --config ...) or the embedder (rag train embedder --config ...).",
+                       invoke_without_command=True)
 ConfigOption = Annotated[Optional[Path], typer.Option(help="Training config (YAML).", exists=True, dir_okay=False)]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: key=YAML value.")]
 ActivateOption = Annotated[bool, typer.Option(help="Make the new version the active one of its name.")]
@@ -104,3 +106,25 @@ def train_reranker(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"reranker {ref.label} -> {ref.path}")
+
+
+@train_app.command("embedder")
+def train_embedder(
+    config: Annotated[Path, typer.Option(help="Embedder config (YAML).", exists=True, dir_okay=False)],
+    set_: SetOption = None,
+    activate: ActivateOption = True,
+    registry: Annotated[Optional[Path], typer.Option(help="Embedder registry (default RAG_EMBEDDERS_DIR).")] = None,
+) -> None:
+    """Fine-tune the embedding model on labelled queries (in-batch + BM25 hard negatives); publish it.
+    Serve it with RAG_EMBEDDING_MODEL=embedder:<name> and a full refresh (`rag refresh`)."""
+    from generation.finetune.embedder_training import EmbedderTrainConfig
+    from generation.finetune.embedder_training import train_embedder as run
+
+    settings = load_settings()
+    embedder_config, text = _load_config(EmbedderTrainConfig, config, set_)
+    try:
+        ref = run(embedder_config, root=REPO_ROOT, registry_root=registry or settings.embedders_dir,
+                  cache_root=FINETUNE_CACHE / "embedders", config_text=text, activate=activate)
+    except (FileNotFoundError, ValueError, LookupError) as exc:  # LoaderError is a ValueError
+        fail(str(exc))
+    typer.echo(f"embedder {ref.label} -> {ref.path}\nserve it: rag refresh --embedding-model embedder:{ref.label}")

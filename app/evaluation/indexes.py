@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from app.container import Services, build_services, chunker_config
+from app.container import Services, build_services, chunker_config, pinned_embedding_model
 from app.settings import REPO_ROOT, Settings
 from generation.finetune.data import Article, CorpusIndex, article_documents
 from ingestion.documents import Document
@@ -68,7 +68,8 @@ def file_digest(path: Path) -> str:
 def index_key(source_digest: str, settings: Settings, chunker: str = "semantic") -> dict[str, Any]:
     """The inputs and settings the built index depends on."""
     return {"format": INDEX_FORMAT, "source_sha256": source_digest, "chunker": chunker,
-            "bm25_language": settings.bm25_language, **chunker_config(settings)}
+            "bm25_language": settings.bm25_language, **chunker_config(settings),
+            "embedding_model": pinned_embedding_model(settings)}  # a registry model's version: a new index
 
 
 def code_digest() -> str:

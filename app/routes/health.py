@@ -38,7 +38,7 @@ def health(request: Request, caller: OptionalCaller, services: ServicesDep) -> H
         chunks=services.ledger.count_chunks(generation.generation),
         index_generation=generation.generation,
         index_collection=generation.collection,
-        embedding_model=services.settings.embedding_model,
+        embedding_model=generation.embedding_model,  # the model questions are embedded with (the live generation's)
         generator_model=services.settings.generator_model,
         adapter=getattr(services.generator, "adapter_name", None) if services.generator else services.settings.adapter,
         refresh_running=refresh_job is not None,

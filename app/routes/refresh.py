@@ -18,9 +18,12 @@ from app.worker import submit_refresh
 router = APIRouter(tags=["ops"], dependencies=[AdminKey])
 
 
-async def _submit(services: Services, kind: str, request: Request) -> JSONResponse:
-    outcome, response = await run_in_threadpool(submit_refresh, services, kind, actor=caller_actor(request),
-                                                 request_id=request_id(request))
+async def _submit(services: Services, kind: str, request: Request, embedding_model: str | None = None) -> JSONResponse:
+    try:
+        outcome, response = await run_in_threadpool(submit_refresh, services, kind, actor=caller_actor(request),
+                                                     request_id=request_id(request), embedding_model=embedding_model)
+    except ValueError as exc:  # the requested embedding model is not there
+        return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": str(exc)})
     if outcome == "active":
         return JSONResponse(status_code=status.HTTP_409_CONFLICT,
                             content={"detail": "a refresh or rollback is already queued or running",
@@ -29,9 +32,11 @@ async def _submit(services: Services, kind: str, request: Request) -> JSONRespon
                         headers={"Location": response["status_url"]})
 
 
-@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409))
-async def refresh(services: ServicesDep, request: Request) -> JSONResponse:
-    return await _submit(services, "refresh", request)
+@router.post("/refresh", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409, 422))
+async def refresh(services: ServicesDep, request: Request, embedding_model: str | None = None) -> JSONResponse:
+    """A full refresh; `embedding_model` (e.g. embedder:scifact) builds the new generation with that model
+    instead of RAG_EMBEDDING_MODEL: after the switch questions are embedded with it, after a rollback with the old."""
+    return await _submit(services, "refresh", request, embedding_model)
 
 
 @router.post("/refresh/rollback", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(401, 403, 409))
