@@ -69,8 +69,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path) -> None:
+    """Versioned folders ``<root>/<name>/<version>/``; a version is a folder holding ``marker`` (the adapters'
+    ``adapter_config.json``; the rerankers' registry uses ``metadata.json``)."""
+
+    def __init__(self, root: Path, marker: str = "adapter_config.json") -> None:
         self.root = Path(root)
+        self.marker = marker
 
     # --- reading ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -82,7 +86,7 @@ class AdapterRegistry:
         folder = self.root / name
         if not folder.is_dir():
             return []
-        found = [p.name for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file()]
+        found = [p.name for p in folder.iterdir() if p.is_dir() and (p / self.marker).is_file()]
         return sorted(found, key=lambda v: (_version_number(v), v))
 
     def active(self, name: str) -> str | None:
