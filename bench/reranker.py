@@ -146,8 +146,9 @@ def main() -> None:
         f"hybrid retriever each), {metrics['steps']} steps in {metrics['train_seconds']:.0f} s, max_length "
         f"{metadata['max_length']}; validation average precision {metrics.get('average_precision')}.",
         "",
-        f"SciFact: {n_sci} held-out train queries ({scifact_info['split']}, of {scifact_info['sampled_queries']} "
-        f"sampled judged train queries; never trained on) over the {scifact_info['sampled_documents']}-document "
+        f"SciFact: {n_sci} held-out train queries, never trained on (the rest of the split: "
+        f"{scifact_info['split']}, of {scifact_info['sampled_queries']} sampled judged train queries) over the "
+        f"{scifact_info['sampled_documents']}-document "
         f"corpus sample the reranker was trained on (their judged documents + random others). Hybrid as served "
         f"(fused list {DEPTH} chunks deep); rerank@N: its top N reordered by the reranker. Added latency: the "
         f"reranker's ms per query for N chunks (p50 / p95, this CPU, while other jobs shared it).",

@@ -94,6 +94,26 @@ def test_the_rerank_score_feeds_the_gate_and_the_citation(demo_index, tmp_path):
     assert not has_relevant_context(signals, replace(open_gate, answerability_min=0.5))
 
 
+def test_citations_carry_the_rerank_score():
+    from app.schemas import QueryResponse
+    from generation.rag import Citation
+
+    schema = QueryResponse.model_json_schema()["$defs"]["Citation"]["properties"]
+    assert "rerank_score" in schema and "answerability" not in schema
+    cited = Citation(ref=1, chunk_id="c", document_id="d", section="", source="s", score=1.0, text="t",
+                     rerank_score=0.83)
+    assert QueryResponse.model_validate({"answer": "x", "abstained": False, "abstain_reason": None,
+                                         "grounded": True, "grounding_score": 1.0, "cited": [1],
+                                         "citations": [cited], "provenance": {
+                                             "index_collection": "c", "index_generation": 1, "embedding_model": "e",
+                                             "generator_model": "g", "adapter": None, "reranker": "tiny@v1",
+                                             "prompt_template_version": "v"},
+                                         "timings_ms": {"retrieval": 1, "generation": 1, "total": 2}}
+                                        ).model_dump()["citations"][0]["rerank_score"] == 0.83
+    assert Citation(ref=1, chunk_id="c", document_id="d", section="", source="s", score=1.0,
+                    text="t").rerank_score is None  # no reranker: null
+
+
 def write_config(path: Path, **values) -> Path:
     import yaml
 
