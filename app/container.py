@@ -106,7 +106,7 @@ class Services:
     chunker: SemanticChunker
     live: LiveIndex | None = None  # None only while building, or when the live generation cannot be opened
     generator: Any = None  # generation.loading.LoadedGenerator once loaded
-    reranker: Any = None  # retrieval.cross_encoder.CrossEncoderScorer (answerability), when configured
+    reranker: Any = None  # retrieval.cross_encoder.CrossEncoderReranker (RAG_RERANK_MODEL), when configured
     # held by an ingest job for its whole run and by a refresh for its final catch-up and switch
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     switch_pending: threading.Event = field(default_factory=threading.Event)  # set: no new ingest job starts
@@ -443,25 +443,28 @@ def build_generator(settings: Settings, *, strict: bool | None = None, registry_
 
 
 def build_reranker(settings: Settings) -> Any:
-    """The answerability cross-encoder ``settings.reranker`` (registry name[@version] or folder), or None.
+    """The reranker ``settings.rerank_model`` (registry name[@version] or folder), or None (the default).
 
-    None is the default; a configured one must load (LookupError naming the setting otherwise).
+    A configured one must load: LookupError naming the setting otherwise.
     """
-    from generation.adapters import AdapterNotFound, locate
-    from ingestion.embedder import resolve_embedding_model
-    from retrieval.cross_encoder import CrossEncoderScorer, read_metadata
+    from ingestion.registry import RerankerNotFound, RerankerRegistry
+    from retrieval.cross_encoder import METADATA, CrossEncoderReranker, read_metadata
 
-    ref = settings.reranker
-    if not ref or ref.lower() == "none":
+    ref = settings.rerank_model
+    if not ref:
         return None
     try:
-        folder, label = locate(ref, settings.rerankers_path)
-        metadata = read_metadata(folder)
-        base = resolve_embedding_model(metadata["base_model"])
-    except (AdapterNotFound, FileNotFoundError, KeyError, ValueError) as exc:
-        raise LookupError(f"RAG_RERANKER={ref!r}: not found ({exc}); name a reranker in {settings.rerankers_path} "
-                          "(RAG_RERANKERS_DIR) or a folder, or set RAG_RERANKER=none") from None
-    return CrossEncoderScorer.load(folder, base, name=label, device=settings.device)
+        if (Path(ref) / METADATA).is_file():  # a folder, as it is
+            folder, label = Path(ref), Path(ref).name
+        else:
+            found = RerankerRegistry(settings.rerankers_path).resolve(ref)
+            folder, label = found.path, found.label
+        read_metadata(folder)
+    except (RerankerNotFound, FileNotFoundError, ValueError) as exc:
+        raise LookupError(f"RAG_RERANK_MODEL={ref!r}: not found ({exc}); train one (rag train reranker --config "
+                          f"configs/train/minilm-rerank.yaml), name it in {settings.rerankers_path} "
+                          "(RAG_RERANKERS_DIR) or a folder, or set RAG_RERANK_MODEL=none") from None
+    return CrossEncoderReranker.load(folder, name=label, device=settings.device)
 
 
 def grounding_thresholds(settings: Settings, metadata: dict[str, Any]) -> Any:

@@ -65,7 +65,7 @@ class Provenance(BaseModel):
     embedding_model: str
     generator_model: str
     adapter: str | None
-    reranker: str | None = None  # the answerability cross-encoder
+    reranker: str | None = None  # the reranker (RAG_RERANK_MODEL), when one is configured
     prompt_template_version: str
 
 

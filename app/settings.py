@@ -12,6 +12,7 @@ Fusion settings not given explicitly come from the tuning file (``RAG_RETRIEVAL_
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,7 +32,7 @@ DEFAULT_RETRIEVAL_TUNING = (SHIPPED / "configs" / "retrieval_tuning.json").resol
 REPO_ADAPTERS = (SHIPPED / "adapters").resolve()  # ships the trained adapter
 # Development commands only (evaluation, training, benchmarks): the checkout, for its .cache/, docs/, rerankers/.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REPO_RERANKERS = REPO_ROOT / "rerankers"  # the answerability cross-encoder, when one is trained (none ships)
+REPO_RERANKERS = REPO_ROOT / "rerankers"  # trained rerankers (rag train reranker; ~90 MB each, none ships)
 REPO_EMBEDDERS = REPO_ROOT / "embedders"  # fine-tuned embedders (`rag train embedder`; git-ignored: ~90 MB each)
 TUNED_FIELDS = ("fusion", "fusion_alpha", "rrf_k", "candidates")  # what a tuning file may set
 
@@ -120,10 +121,13 @@ class Settings(BaseSettings):
         "smollm2-squad", description="Adapter name[@version] in the registry, or a path; empty for none."
     )
     adapters_dir: Path = Field(REPO_ADAPTERS, description="Adapter registry (default: the repo's adapters/).")
-    reranker: str | None = Field(
-        None, description="Answerability cross-encoder: name[@version] in the reranker registry, a "
-                                           "folder, or empty / 'none' for none (grounding then uses the lexical and "
-                                           "dense signals alone).")
+    rerank_model: str | None = Field(
+        None, description="The reranker (a cross-encoder trained by `rag train reranker`): name[@version] in the "
+                          "reranker registry, a folder, or empty / 'none' for none. It reorders the fused top "
+                          "RAG_RERANK_TOP_N, keeps top_k, and its score is the gate's answerability signal. Off "
+                          "in the embedded profile (BENCHMARKS.md, reranker).")
+    rerank_top_n: int = Field(20, ge=1, le=200, description="Fused candidates the reranker reorders (>= top_k).")
+    reranker: str | None = Field(None, description="Deprecated alias of RAG_RERANK_MODEL (used when that is unset).")
     rerankers_dir: Path = Field(REPO_RERANKERS, description="Reranker registry (default: the repo's rerankers/).")
     merge_adapter: bool = False
     abstain_margin: float | None = Field(
@@ -302,6 +306,19 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_adapter_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @field_validator("rerank_model", "reranker", mode="before")
+    @classmethod
+    def _empty_reranker_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @model_validator(mode="after")
+    def _deprecated_reranker(self) -> "Settings":
+        """RAG_RERANKER (the earlier name) fills RAG_RERANK_MODEL when that is not set."""
+        if self.reranker and "rerank_model" not in self.model_fields_set:
+            logging.getLogger(__name__).warning("RAG_RERANKER is deprecated: use RAG_RERANK_MODEL")
+            self.rerank_model = self.reranker
+        return self
 
     @field_validator("api_keys", "admin_api_keys", "webhook_secret", mode="before")
     @classmethod

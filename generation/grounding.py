@@ -12,8 +12,9 @@ Serving and evaluation take the same decision (:func:`verdict`) from the same si
   answer and occur in the sentence holding the answer. A span copied from a sentence
   about something else ("Laptops are provided by the IT team" for "Who approves expense reports over
   500 euros?") is supported but has no evidence.
-- **answerability** (before generation, when a cross-encoder is configured), per chunk: the probability
-  that the chunk answers the question, from the project's own cross-encoder (retrieval/cross_encoder.py).
+- **answerability** (before generation, when a reranker is configured), per chunk: the probability that
+  the chunk answers the question, from the project's own cross-encoder (retrieval/cross_encoder.py): the
+  reranking stage's score carried on the chunk, or scored here for chunks given without one.
 - **confidence**: the mean log-probability of the answer's tokens under the generator.
 
 An answer is *grounded* when a chunk it cites supports it with enough evidence and the generator was
@@ -259,10 +260,11 @@ class Signals:
 
 def relevance_signals(question: str, chunks: Sequence[ContextChunk], scorer: Any = None,
                       term_weights: TermWeights | None = None) -> Signals:
-    """The pre-generation signals; ``scorer`` (retrieval.cross_encoder.CrossEncoderScorer) adds answerability,
-    ``term_weights`` (``BM25Index.idf``) weights the question's terms in ``relevance``."""
-    answerability: list[float | None] = [None] * len(chunks)
-    if scorer is not None and chunks:
+    """The pre-generation signals; answerability is the chunks' ``rerank_score`` when they all carry one,
+    else ``scorer``'s (retrieval.cross_encoder.CrossEncoderReranker) when given; ``term_weights``
+    (``BM25Index.idf``) weights the question's terms in ``relevance``."""
+    answerability: list[float | None] = [c.rerank_score for c in chunks]
+    if scorer is not None and chunks and any(a is None for a in answerability):
         answerability = [round(p, 4) for p in scorer.score(question, [c.text for c in chunks])]
     weighted = _weighted_terms(question, term_weights)
     return Signals(relevance=[round(_weighted_share(weighted, c.text), 4) for c in chunks],

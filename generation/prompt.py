@@ -73,6 +73,7 @@ class ContextChunk:
     score: float = 0.0  # fused retrieval score (min-max normalized per query: 1.0 is the best hit)
     dense_score: float | None = None  # raw cosine similarity of question and chunk, when dense retrieval saw it
     bm25_score: float | None = None  # raw BM25 score, when BM25 matched it
+    rerank_score: float | None = None  # the reranker's probability (retrieval/cross_encoder.py), when it ran
 
 
 @dataclass

@@ -7,9 +7,10 @@ relevant enough to generate), numbered as in the prompt, so ``[n]`` in the answe
 flagged or replaced by the abstention.
 
 Spans (OpenTelemetry API; no-ops unless the service installs a tracer provider): ``rag.answer`` around
-``retrieve``, ``pack``, ``rerank`` (the answerability cross-encoder, when there is one), ``generate``
-(when the gate lets it run) and ``verify``. Attributes are counts, scores and outcomes, never the
-question or the chunks' text.
+``retrieve`` (with ``rerank`` inside it when a reranker is configured: the fused top N reordered by the
+cross-encoder, top k kept), ``pack``, ``generate`` (when the gate lets it run) and ``verify``. The reranker's
+scores travel on the chunks and are the gate's answerability signal too (generation/grounding.py).
+Attributes are counts, scores and outcomes, never the question or the chunks' text.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 from opentelemetry import trace
@@ -50,9 +51,9 @@ class Citation:
     text: str
     relevance: Annotated[float, Field(description="Share of the question's content terms (idf-weighted) found in "
                                                   "the chunk (generation/grounding.py).")] = 0.0
-    answerability: Annotated[float | None, Field(
-        description="The answerability cross-encoder's probability that the chunk answers the question "
-                    "(null without one).")] = None
+    rerank_score: Annotated[float | None, Field(
+        description="The reranker's probability that the chunk answers the question (RAG_RERANK_MODEL; "
+                    "null without one). Chunks are ordered by it when it ran.")] = None
     dense_score: Annotated[float | None, Field(description="Cosine similarity of question and chunk.")] = None
     supports_answer: Annotated[bool, Field(
         description="The answer cites this chunk and the chunk supports it.")] = False
@@ -94,7 +95,8 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
 
     ``generator`` is any backend (generation.generate.Generator: ``tokenizer``, ``context_window``,
     ``grounding``, ``prompt_template_version``, ``generate``); the prompt is packed with its template version.
-    ``scorer`` is the answerability cross-encoder (retrieval/cross_encoder.py), or None; ``term_weights``
+    ``scorer`` is the reranker (retrieval/cross_encoder.py), or None, for chunks that carry no
+    ``rerank_score`` yet (given chunks, not retrieved ones); ``term_weights``
     the live index's idf (``BM25Index.idf``) for the relevance signal.
     ``on_text`` receives the raw answer as it is generated; the decision may still withdraw it.
     """
@@ -105,7 +107,8 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
                              template_version=generator.prompt_template_version)
         span.set_attributes({"rag.chunks_given": len(chunks), "rag.chunks_packed": len(packed.chunks),
                              "rag.prompt_tokens": packed.n_tokens, "rag.prompt_budget": packed.budget})
-    with tracer.start_as_current_span("rerank") if scorer is not None else nullcontext():
+    unscored = scorer is not None and any(c.rerank_score is None for c in packed.chunks)
+    with tracer.start_as_current_span("rerank") if unscored else nullcontext():
         signals = relevance_signals(question, packed.chunks, scorer, term_weights)
     if not has_relevant_context(signals, thresholds):
         return Grounded(packed, None, verdict(signals, thresholds, unsupported))
@@ -125,41 +128,53 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
 
 def retrieve_context(retriever: HybridRetriever, ledger: Ledger, generation: int, question: str, top_k: int, *,
                      filters: Filters | None = None, alpha: float | None = None,
-                     groups: Groups = None) -> list[ContextChunk]:
+                     groups: Groups = None, reranker: Any = None, rerank_top_n: int = 0) -> list[ContextChunk]:
     """The top chunks `groups` may see (None: every chunk; retrieval/acl.py) as prompt context, best first.
+
+    With a `reranker` (retrieval.cross_encoder.CrossEncoderReranker), the fused top ``max(rerank_top_n,
+    top_k)`` are reordered by its score and the best `top_k` kept, each with its ``rerank_score``.
 
     Both indexes filter by `groups` before fusion. Each hit is checked again against its ledger row, the
     source of truth: a hit whose chunk left the ledger, or whose acl there no longer admits `groups` (an
     index behind its ledger for a moment, while a job runs), is dropped.
     """
-    hits = retriever.search(question, top_k, filters=filters, alpha=alpha, groups=groups)
+    depth = max(rerank_top_n, top_k) if reranker is not None else top_k
+    hits = retriever.search(question, depth, filters=filters, alpha=alpha, groups=groups)
     rows = ledger.get_chunks(generation, [h.chunk_id for h in hits])
-    return [
+    chunks = [
         ContextChunk(text=rows[h.chunk_id].text, chunk_id=h.chunk_id, document_id=rows[h.chunk_id].document_id,
                      section=rows[h.chunk_id].section, source=rows[h.chunk_id].source, score=h.score,
                      dense_score=h.dense_score, bm25_score=h.bm25_score)
         for h in hits if h.chunk_id in rows and visible(rows[h.chunk_id].acl, groups)
     ]
+    if reranker is None:
+        return chunks
+    with tracer.start_as_current_span("rerank") as span:
+        ranked = reranker.rerank(question, [c.text for c in chunks], top_k)
+        span.set_attributes({"rag.rerank_candidates": len(chunks), "rag.top_k": top_k})
+    return [replace(chunks[i], rerank_score=round(score, 4)) for i, score in ranked]
 
 
 def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger, generation: int,
                     generator: Generator, provenance: dict[str, Any], top_k: int, max_new_tokens: int,
                     timeout_s: float | None = None, filters: Filters | None = None,
                     alpha: float | None = None, unsupported: UnsupportedPolicy = "abstain",
-                    scorer: Any = None, on_text: Callable[[str], None] | None = None,
+                    reranker: Any = None, rerank_top_n: int = 0, on_text: Callable[[str], None] | None = None,
                     cancel: threading.Event | None = None, groups: Groups = None) -> Answer:
     """`groups`: the caller's (app.access.Caller.groups); only chunks they may see are retrieved, given to
-    the generator and cited."""
+    the generator and cited. `reranker`: the reranking stage (see retrieve_context), whose scores are also
+    the gate's answerability signal."""
     with tracer.start_as_current_span("rag.answer") as span:
         started = time.perf_counter()
         with tracer.start_as_current_span("retrieve") as retrieve_span:
             context = retrieve_context(retriever, ledger, generation, question, top_k, filters=filters,
-                                       alpha=alpha, groups=groups)
+                                       alpha=alpha, groups=groups, reranker=reranker,
+                                       rerank_top_n=rerank_top_n)
             retrieve_span.set_attributes({"rag.index_generation": generation, "rag.top_k": top_k,
                                           "rag.chunks_found": len(context), "rag.filtered": bool(filters)})
         retrieved = time.perf_counter()
         grounded = grounded_generation(generator, question, context, max_new_tokens=max_new_tokens,
-                                       timeout_s=timeout_s, unsupported=unsupported, scorer=scorer,
+                                       timeout_s=timeout_s, unsupported=unsupported, scorer=reranker,
                                        term_weights=retriever.bm25.idf, on_text=on_text, cancel=cancel)
         finished = time.perf_counter()
         decision = grounded.decision
@@ -171,7 +186,7 @@ def answer_question(question: str, *, retriever: HybridRetriever, ledger: Ledger
     citations = [
         Citation(ref=i, chunk_id=c.chunk_id, document_id=c.document_id, section=c.section, source=c.source,
                  score=round(c.score, 6), text=c.text, relevance=decision.relevance[i - 1],
-                 answerability=decision.answerability[i - 1],
+                 rerank_score=decision.answerability[i - 1],
                  dense_score=None if c.dense_score is None else round(c.dense_score, 6),
                  supports_answer=decision.grounded and i in decision.cited)
         for i, c in enumerate(grounded.packed.chunks, start=1)

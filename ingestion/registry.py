@@ -147,3 +147,15 @@ class EmbedderRegistry(VersionedRegistry):
     kind = "embedder"
     marker = "modules.json"  # written by SentenceTransformer.save
     not_found = EmbedderNotFound
+
+
+class RerankerNotFound(ModelNotFound):
+    pass
+
+
+class RerankerRegistry(VersionedRegistry):
+    """Trained cross-encoders (``rag train reranker``): ``RAG_RERANK_MODEL=<name>[@<version>]``."""
+
+    kind = "reranker"
+    marker = "metadata.json"  # written last by the trainer, beside the CrossEncoder's files
+    not_found = RerankerNotFound

@@ -134,7 +134,7 @@ def calibrate(
     records_path = cache / "calibration" / f"{found.label.replace('@', '-')}.json"
     recorded_with = {"adapter": found.label, "questions": [limit, out_of_corpus], "modes": ["retrieval", "gold"],
                      "top_k": settings.top_k,
-                     "embedding_model": settings.embedding_model, "reranker": settings.reranker,
+                     "embedding_model": settings.embedding_model, "reranker": settings.rerank_model,
                      "max_new_tokens": settings.max_new_tokens, "source": source}
     if reuse:
         saved = json.loads(records_path.read_text()) if records_path.is_file() else {}

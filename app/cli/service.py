@@ -131,7 +131,8 @@ def query(
             generation=services.generation.generation, generator=services.generator,
             provenance=services.provenance(), top_k=top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s, alpha=alpha,
-            unsupported=settings.unsupported, scorer=services.reranker, on_text=show, groups=caller_groups,
+            unsupported=settings.unsupported, reranker=services.reranker, rerank_top_n=settings.rerank_top_n,
+            on_text=show, groups=caller_groups,
         )
         from app.audit import query_details
         from app.schemas import QueryResponse

@@ -92,18 +92,19 @@ def train_reranker(
     activate: ActivateOption = True,
     registry: Annotated[Optional[Path], typer.Option(help="Reranker registry (default RAG_RERANKERS_DIR).")] = None,
 ) -> None:
-    """Train the answerability cross-encoder on pairs the service's own retriever finds; publish it."""
-    from app.evaluation.indexes import corpus_opener
-    from generation.finetune.answerability import RerankerConfig
-    from generation.finetune.answerability import train_reranker as run
+    """Train the reranker (a cross-encoder) on pairs the service's own retriever finds; publish it."""
+    from app.evaluation.indexes import DEFAULT_CACHE, beir_opener, corpus_opener
+    from generation.finetune.reranker import RerankerConfig
+    from generation.finetune.reranker import train_reranker as run
 
     settings = load_settings()
     reranker_config, text = _load_config(RerankerConfig, config, set_)
     try:
-        ref = run(reranker_config, open_index=corpus_opener(settings, FINETUNE_CACHE), root=REPO_ROOT,
+        ref = run(reranker_config, open_beir=beir_opener(settings, DEFAULT_CACHE),
+                  open_index=corpus_opener(settings, FINETUNE_CACHE), root=REPO_ROOT,
                   registry_root=registry or settings.rerankers_path, cache_root=FINETUNE_CACHE, config_text=text,
                   activate=activate)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, LookupError) as exc:
         fail(str(exc))
     typer.echo(f"reranker {ref.label} -> {ref.path}")
 

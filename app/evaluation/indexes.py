@@ -23,6 +23,7 @@ from tqdm import tqdm
 from app.container import Services, build_services, chunker_config, pinned_embedding_model
 from app.settings import REPO_ROOT, Settings
 from generation.finetune.data import Article, CorpusIndex, article_documents
+from generation.finetune.reranker import BeirSet
 from ingestion.documents import Document
 from ingestion.progress import chunk_postfix
 
@@ -142,6 +143,50 @@ def squad_corpus_index(articles: Sequence[Article], settings: Settings, source_d
 def corpus_opener(settings: Settings, cache_root: Path) -> Callable[[Sequence[Article], str], CorpusIndex]:
     """``open(articles, source_digest)`` for the fine-tuning stage: the service's index of those articles."""
     return lambda articles, digest: squad_corpus_index(articles, settings, digest, cache_root).corpus()
+
+
+def beir_opener(settings: Settings, cache_root: Path = DEFAULT_CACHE) -> Callable[..., BeirSet]:
+    """``open(folder, n_queries, n_documents, seed)`` for the reranker: a BEIR folder's train judgments and its
+    index (cached), sampled when asked. A sample is ``n_queries`` judged train queries (seeded) over a corpus of
+    their judged documents filled with other documents (seeded) to ``n_documents``, written as a corpus file of
+    its own under the cache; 0 keeps everything (the full SciFact corpus is ~22k chunks: an hour here)."""
+    import random
+
+    from app.evaluation.scoring import load_qrels, load_queries
+    from ingestion.loaders import load_documents
+
+    def open_beir(folder: Path, n_queries: int = 0, n_documents: int = 0, seed: int = 0) -> BeirSet:
+        corpus, queries_path, qrels_path = (folder / "corpus.jsonl", folder / "queries.jsonl",
+                                            folder / "qrels" / "train.tsv")
+        missing = [str(p) for p in (corpus, queries_path, qrels_path) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"scifact_dir: not found: {', '.join(missing)}")
+        queries, qrels = load_queries(queries_path), load_qrels(qrels_path)
+        judged = sorted(q for q in qrels if q in queries)
+        if n_queries:
+            judged = sorted(random.Random(seed).sample(judged, min(n_queries, len(judged))))
+        qrels = {q: qrels[q] for q in judged}
+        documents = load_documents([corpus])
+        digest = hashlib.sha256("".join(file_digest(p) for p in (corpus, queries_path, qrels_path)).encode()
+                                + f"{n_queries}/{n_documents}/{seed}".encode()).hexdigest()
+        if n_documents:
+            needed = {d for judgments in qrels.values() for d in judgments}
+            others = [d.document_id for d in documents if d.document_id not in needed]
+            keep = needed | set(random.Random(seed).sample(others, max(0, min(n_documents - len(needed),
+                                                                              len(others)))))
+            sample = cache_root / "beir-samples" / f"{folder.name}-{digest[:16]}.jsonl"
+            if not sample.is_file():
+                sample.parent.mkdir(parents=True, exist_ok=True)
+                lines = [line for line in corpus.read_text(encoding="utf-8").splitlines()
+                         if line.strip() and str(json.loads(line)["_id"]) in keep]
+                sample.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            corpus, documents = sample, [d for d in documents if d.document_id in keep]
+        texts = {d.document_id: f"{d.title}\n{d.text}" if d.title else d.text for d in documents}
+        index = open_corpus_index(corpus, settings, cache_root=cache_root).corpus()
+        return BeirSet(index=index, queries={q: queries[q] for q in judged}, qrels=qrels, corpus_text=texts,
+                       digest=digest)
+
+    return open_beir
 
 
 def retrieval_key(settings: Settings) -> dict[str, Any]:

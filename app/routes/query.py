@@ -106,7 +106,8 @@ async def _query(body: QueryRequest, request: Request, caller: QueryCaller, budg
             generator=generator, provenance=services.provenance(generator, live), top_k=body.top_k or settings.top_k,
             max_new_tokens=settings.max_new_tokens, timeout_s=settings.generation_timeout_s,
             filters=body.filters.as_dict() if body.filters else None, alpha=body.alpha,
-            unsupported=settings.unsupported, scorer=services.reranker, on_text=on_text, cancel=cancel,
+            unsupported=settings.unsupported, reranker=services.reranker, rerank_top_n=settings.rerank_top_n,
+            on_text=on_text, cancel=cancel,
             groups=caller.groups)
         budget.charge(result.completion_tokens)  # streamed or not, cancelled included: what was generated
         return result

@@ -191,4 +191,5 @@ def test_response_schema_carries_the_grounding_fields(client):
     assert set(reasons) == {"no_relevant_context", "model_abstained", "unsupported_answer", "empty_answer",
                             "incomplete_answer"}
     citation = schema["Citation"]["properties"]
-    assert {"relevance", "answerability", "dense_score", "supports_answer"} <= set(citation)
+    assert {"relevance", "rerank_score", "dense_score", "supports_answer"} <= set(citation)
+    assert "answerability" not in citation  # the reranker's score is rerank_score (one model, one field)

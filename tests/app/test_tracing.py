@@ -49,7 +49,7 @@ def test_a_query_is_one_trace_from_the_callers_span_to_generation(spans, demo_se
     named = by_name(finished)
     for name in ("POST /query", "rag.answer", "retrieve", "pack", "generate", "verify"):
         assert len(named.get(name, [])) == 1, (name, sorted(named))
-    assert "rerank" not in named  # no answerability cross-encoder configured
+    assert "rerank" not in named  # no reranker configured
     assert {format(s.context.trace_id, "032x") for s in finished} == {TRACE_ID}
 
     server = named["POST /query"][0]
@@ -93,8 +93,8 @@ def test_no_generate_span_when_nothing_is_relevant(spans, demo_services):
 
 
 class ConstantScorer:
-    """An answerability scorer's interface (retrieval.cross_encoder.CrossEncoderScorer.score); none is
-    shipped to load, and the span only needs the call."""
+    """The reranker's scoring interface (retrieval.cross_encoder.CrossEncoderReranker.score), for chunks given
+    without a rerank_score; the span only needs the call."""
 
     def score(self, question: str, texts: list[str]) -> list[float]:
         return [0.9] * len(texts)

@@ -17,7 +17,7 @@ from generation.adapters import AdapterRegistry
 from generation.finetune.config import TrainConfig
 from generation.finetune.pipeline import train_from_config
 from ingestion.loaders import load_documents
-from tests.app.test_answerability_training import squad_file
+from tests.app.test_reranker_training import squad_file
 from tests.generation.test_peft_methods import METHOD_SETTINGS, WINDOW
 
 pytestmark = pytest.mark.slow
