@@ -22,7 +22,7 @@ from app.audit import AuditLog
 from app.gate import GenerationGate
 from app.settings import Settings
 from ingestion.chunker import SemanticChunker
-from ingestion.embedder import Embedder
+from ingestion.embedder import Embedder, vector_space
 from ingestion.indexer import Indexer
 from ingestion.ledger import GenerationRow, Ledger
 from ingestion.refresh import REFRESH_KINDS, RefreshConfig, RefreshContext, drop_retired_generations
@@ -46,9 +46,15 @@ def chunker_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def embedding_space(settings: Settings) -> str:
+    """What collections record as their embedding model (the model, plus the backend where its vectors differ)."""
+    return vector_space(settings.embedding_model, settings.embedding_backend)
+
+
 def build_embedder(settings: Settings) -> Embedder:
     return Embedder(settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size,
-                    query_prefix=settings.embedding_query_prefix, passage_prefix=settings.embedding_passage_prefix)
+                    query_prefix=settings.embedding_query_prefix, passage_prefix=settings.embedding_passage_prefix,
+                    backend=settings.embedding_backend, cache_dir=settings.models_path)
 
 
 def build_chunker(settings: Settings, embedder: Embedder) -> SemanticChunker:
@@ -64,7 +70,7 @@ def bm25_root(settings: Settings, generation: GenerationRow) -> Path:
 
 def refresh_config(settings: Settings) -> RefreshConfig:
     return RefreshConfig(
-        collection_prefix=settings.collection_prefix, embedding_model=settings.embedding_model,
+        collection_prefix=settings.collection_prefix, embedding_model=embedding_space(settings),
         chunker_config=chunker_config(settings), bm25_language=settings.bm25_language,
         batch_documents=settings.ingest_batch_documents, min_chunk_ratio=settings.refresh_min_chunk_ratio,
         max_chunk_ratio=settings.refresh_max_chunk_ratio, golden_queries=settings.refresh_golden_queries,
@@ -295,7 +301,7 @@ class Services:
         return {
             "index_collection": live.generation.collection,
             "index_generation": live.generation.generation,
-            "embedding_model": self.settings.embedding_model,
+            "embedding_model": embedding_space(self.settings),
             "generator_model": self.settings.generator_model,
             "adapter": getattr(generator, "adapter_name", None) if generator else None,
             "reranker": getattr(self.reranker, "name", None),
@@ -307,15 +313,15 @@ def open_live_generation(settings: Settings, ledger: Ledger, client: Any,
     """The live generation and its collection; the first start creates generation 1 and makes it live."""
     generation = ledger.live_generation()
     if generation is None:
-        generation = ledger.create_generation(settings.collection_prefix, settings.embedding_model,
+        generation = ledger.create_generation(settings.collection_prefix, embedding_space(settings),
                                               embedder.dimension, chunker_config(settings))
-        dense = DenseIndex(client, generation.collection, embedding_model=settings.embedding_model,
+        dense = DenseIndex(client, generation.collection, embedding_model=embedding_space(settings),
                            dimension=embedder.dimension, create=True)
         ledger.switch_live(generation.generation)
         generation = ledger.live_generation()
         assert generation is not None
         return generation, dense
-    dense = DenseIndex(client, generation.collection, embedding_model=settings.embedding_model,
+    dense = DenseIndex(client, generation.collection, embedding_model=embedding_space(settings),
                        dimension=embedder.dimension)
     return generation, dense
 
