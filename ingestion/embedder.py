@@ -78,9 +78,10 @@ class Embedder:
         self.batch_size = batch_size
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
-        # typed Any: the library's Optional attributes (max_seq_length, dimension) are always set for these models
         folder = resolve_embedding_model(model_name)
-        self.model: Any = cast(Any, SentenceTransformer(folder, device=device))
+        # typed Any: the library's Optional attributes (max_seq_length, dimension) are always set for these models.
+        # The exported graphs run on the CPU: there the torch model only serves tokenizer, pooling, static table.
+        self.model: Any = cast(Any, SentenceTransformer(folder, device=device if backend == "torch" else "cpu"))
         self._runner: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
         self.exported_to: Path | None = None  # the cached graph's folder (other backends than torch)
         self.exported_now = False  # whether this load exported it (else it was reused)

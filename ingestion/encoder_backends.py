@@ -100,7 +100,8 @@ def export_graph(transformer: Any, features: Mapping[str, Any], path: Path) -> N
             self.model = model
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.model(**dict(zip(names, inputs))).last_hidden_state
+            hidden: torch.Tensor = self.model(**dict(zip(names, inputs))).last_hidden_state
+            return hidden
 
     axes = {name: {0: "batch", 1: "tokens"} for name in [*names, "token_embeddings"]}
     try:
