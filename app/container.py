@@ -49,18 +49,28 @@ def chunker_config(settings: Settings) -> dict[str, Any]:
 
 
 def build_embedder(settings: Settings, model: str | None = None) -> Embedder:
-    """The embedder of ``model`` (default RAG_EMBEDDING_MODEL; a registry model that is not there is an
-    EmbedderNotFound naming the setting and what to do)."""
-    return Embedder(model or settings.embedding_model, device=settings.device,
-                    batch_size=settings.embedding_batch_size, query_prefix=settings.embedding_query_prefix,
-                    passage_prefix=settings.embedding_passage_prefix, registry_root=settings.embedders_dir)
+    """The embedder of ``model``, a recorded embedding model (``pinned_embedding_model``; default
+    RAG_EMBEDDING_MODEL on RAG_EMBEDDING_BACKEND). A recorded model that names its backend (int8 vectors) gets
+    it; one recorded with torch's vectors gets RAG_EMBEDDING_BACKEND when that gives them, else torch: an
+    index is never searched with vectors of another kind. A registry model that is not there is an
+    EmbedderNotFound naming the setting and what to do."""
+    from ingestion.embedder import OTHER_VECTORS, split_vector_space
+
+    name, backend = split_vector_space(model) if model else (settings.embedding_model, settings.embedding_backend)
+    if backend is None:
+        backend = "torch" if settings.embedding_backend in OTHER_VECTORS else settings.embedding_backend
+    return Embedder(name, device=settings.device, batch_size=settings.embedding_batch_size,
+                    query_prefix=settings.embedding_query_prefix, passage_prefix=settings.embedding_passage_prefix,
+                    registry_root=settings.embedders_dir, backend=backend, cache_dir=settings.models_path)
 
 
 def pinned_embedding_model(settings: Settings) -> str:
-    """RAG_EMBEDDING_MODEL with a registry model's active version made explicit (what a generation records)."""
-    from ingestion.embedder import pin_embedding_model
+    """What a generation records as its embedding model: RAG_EMBEDDING_MODEL with a registry model's active
+    version made explicit, and ``+<backend>`` where RAG_EMBEDDING_BACKEND's vectors differ from torch's."""
+    from ingestion.embedder import pin_embedding_model, vector_space
 
-    return pin_embedding_model(settings.embedding_model, settings.embedders_dir)
+    return vector_space(pin_embedding_model(settings.embedding_model, settings.embedders_dir),
+                        settings.embedding_backend)
 
 
 def build_chunker(settings: Settings, embedder: Embedder) -> SemanticChunker:
@@ -225,7 +235,7 @@ class Services:
         """A retriever embedding questions with `embedder` (default: the live generation's)."""
         tuning = self.settings
         embedder = embedder or (self.live.embedder if self.live else self.embedder)
-        cache = self.query_cache if embedder is self.embedder else self._query_caches.get(embedder.name)
+        cache = self.query_cache if embedder is self.embedder else self._query_caches.get(embedder.vector_space)
         return HybridRetriever(embedder=embedder, dense=dense or self.dense, bm25=bm25, fusion=tuning.fusion,
                                alpha=tuning.fusion_alpha, rrf_k=tuning.rrf_k, candidates=tuning.candidates,
                                query_cache=cache)

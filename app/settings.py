@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     # --- storage -----------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Ledger, indexes, model cache and adapters live here.")
     model_cache_dir: Path | None = Field(
-        None, description="Where converted bundled models are cached (default: <data_dir>/models)."
+        None, description="Where converted bundled models and exported embedders are cached "
+                    "(default: <data_dir>/models)."
     )
     chroma_host: str | None = Field(None, description="Chroma server host; unset means embedded Chroma.")
     chroma_port: int = Field(8000, ge=1, le=65535)
@@ -71,6 +72,11 @@ class Settings(BaseSettings):
     embedding_query_prefix: str = Field("", description='e5 models use "query: ".')
     embedding_passage_prefix: str = Field("", description='e5 models use "passage: ".')
     embedding_batch_size: int = Field(32, ge=1, le=4096)
+    embedding_backend: Literal["torch", "onnx", "onnx-int8", "openvino"] = Field(
+        "torch", description="Where the embedder runs: 'torch', 'onnx' (ONNX Runtime, fp32: torch's vectors), "
+        "'onnx-int8' (dynamic int8: other vectors, recorded as '<model>+onnx-int8', so an index built with another "
+        "backend needs a refresh) or 'openvino'. The exported model is cached under RAG_MODEL_CACHE_DIR.",
+    )
     device: str = Field("cpu", description="torch device for the embedder and generator: cpu, cuda, cuda:0 ...")
     chunk_max_tokens: int = Field(512, ge=16, le=8192)
     chunk_overlap_tokens: int = Field(50, ge=0)

