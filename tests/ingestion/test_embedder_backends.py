@@ -104,16 +104,25 @@ def test_bad_backend_is_a_settings_error(monkeypatch):
         Embedder(MODEL, backend="tensorrt")
 
 
-def test_index_built_with_torch_refuses_int8_vectors(tmp_path, cache, loaded):
-    """int8 vectors are another embedding: opening a torch-built index with them says to refresh."""
-    from app.container import build_services
+def test_int8_vectors_are_another_embedding_until_a_refresh(tmp_path, cache, loaded):
+    """int8 vectors are another embedding: a torch-built generation keeps being served with torch's vectors
+    under RAG_EMBEDDING_BACKEND=onnx-int8, the next refresh records '+onnx-int8', and a collection is never
+    opened with vectors of the other kind."""
+    from app.container import build_services, pinned_embedding_model
     from app.settings import Settings
-    from retrieval.dense import EmbeddingModelMismatch
+    from retrieval.dense import DenseIndex, EmbeddingModelMismatch
 
     base = dict(data_dir=tmp_path, model_cache_dir=cache, load_generator=False, retrieval_tuning=None)
     build_services(Settings(_env_file=None, **base), load_generator=False).ledger.close()
     same = build_services(Settings(_env_file=None, embedding_backend="onnx", **base), load_generator=False)
     assert same.live.dense.embedding_model == MODEL  # fp32 ONNX: the same vectors, the same index
+    assert same.live.embedder.backend == "onnx"
     same.ledger.close()
+    int8 = Settings(_env_file=None, embedding_backend="onnx-int8", **base)
+    services = build_services(int8, load_generator=False)
+    assert services.live.dense.embedding_model == MODEL and services.live.embedder.backend == "torch"
+    assert pinned_embedding_model(int8) == f"{MODEL}+onnx-int8"  # what the next refresh builds and records
+    collection = services.live.generation.collection
     with pytest.raises(EmbeddingModelMismatch, match=r"\+onnx-int8.*RAG_EMBEDDING_BACKEND.*rag refresh"):
-        build_services(Settings(_env_file=None, embedding_backend="onnx-int8", **base), load_generator=False)
+        DenseIndex(services.chroma, collection, embedding_model=f"{MODEL}+onnx-int8", dimension=384)
+    services.ledger.close()
