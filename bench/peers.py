@@ -246,6 +246,8 @@ def main() -> None:
     parser.add_argument("--qrels", type=Path, default=SCIFACT / "qrels" / "train.tsv")
     parser.add_argument("--probe-k", type=int, default=10)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--reuse", default="", help="systems whose last result to reuse when the plan is the same "
+                                                    "(e.g. service, after a framework's run failed)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -260,10 +262,18 @@ def main() -> None:
     plan, qrels = make_plan(args, settings)
     OUT.mkdir(parents=True, exist_ok=True)
     plan_path = OUT / "plan.json"
-    plan_path.write_text(json.dumps(asdict(plan)), encoding="utf-8")
+    plan_text = json.dumps(asdict(plan))
+    same_plan = plan_path.is_file() and plan_path.read_text(encoding="utf-8") == plan_text
+    plan_path.write_text(plan_text, encoding="utf-8")
+    reuse = {s.strip() for s in args.reuse.split(",") if s.strip()}
     rows = []
     for name in systems:
-        result = run_side(name, plan_path)
+        saved = OUT / f"{name}.json"
+        if name in reuse and same_plan and saved.is_file():  # the last run's result, on the very same plan
+            print(f"== {name}: reusing {saved}", file=sys.stderr, flush=True)
+            result = json.loads(saved.read_text())
+        else:
+            result = run_side(name, plan_path)
         if name == "service":
             result["versions"] = {project_version(): "", **result["versions"]}
         rows.append(summarize(result, plan, qrels))
