@@ -127,6 +127,7 @@ class Services:
     # other recorded models' embedders and query caches (a generation built with another model), by pinned name
     _embedders: dict = field(default_factory=dict)
     _query_caches: dict = field(default_factory=dict)
+    _chunkers: dict = field(default_factory=dict)
     _embedder_lock: threading.Lock = field(default_factory=threading.Lock)
     _adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter ref -> LoadedGenerator, LRU order
     _adapter_lock: threading.Lock = field(default_factory=threading.Lock)  # guards the two dicts
@@ -228,7 +229,13 @@ class Services:
             return self._embedders[model]  # type: ignore[no-any-return]
 
     def chunker_for(self, embedder: Embedder) -> SemanticChunker:
-        return self.chunker if embedder is self.embedder else build_chunker(self.settings, embedder)
+        """The chunker built on ``embedder``, built once per model (install runs on every BM25 rebuild)."""
+        if embedder is self.embedder:
+            return self.chunker
+        with self._embedder_lock:
+            if embedder.vector_space not in self._chunkers:
+                self._chunkers[embedder.vector_space] = build_chunker(self.settings, embedder)
+            return self._chunkers[embedder.vector_space]  # type: ignore[no-any-return]
 
     def make_retriever(self, bm25: BM25Index, dense: DenseIndex | None = None,
                        embedder: Embedder | None = None) -> HybridRetriever:
