@@ -65,6 +65,8 @@ def main() -> None:
             shares = ["no cut (ties at the floor)"]
         lines.append(f"| {name} | {what} | {auc('unanswerable')} | {auc('out of corpus')} | {' / '.join(shares)} |")
     counts = ", ".join(f"{len(v)} {k}" for k, v in kinds.items())
+    scorer = saved.get("reranker_name") if isinstance(saved, dict) else None
+    counts += f"; answerability from the cross-encoder {scorer}" if scorer else "; no cross-encoder in the run"
     table = "\n".join(lines)
     print(table)
     update_section("grounding-signals", "### Grounding signals, one by one (held-out validation articles)\n\n"

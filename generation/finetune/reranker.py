@@ -11,7 +11,11 @@ initialised from the bundled all-MiniLM-L6-v2 encoder (a new one-logit head), tr
   it). Hard negatives: the best-ranked chunks of documents not judged relevant.
 - **SQuAD** train questions of ``squad_articles`` sampled articles, indexed by the service's pipeline.
   Positive: the best-ranked chunk holding a gold answer (the gold paragraph when none was retrieved); hard
-  negatives: the best-ranked chunks holding none.
+  negatives: the best-ranked chunks holding none. With ``squad_unanswerable``, SQuAD 2.0's unanswerable
+  questions add negatives that are on topic: the chunk retrieved first for each and its own paragraph
+  (configs/train/minilm-answerability.yaml trains the gate's answerability model this way).
+
+Pairs are kept in ``.cache/finetune/pairs`` under a digest of the data settings (cached_training_pairs).
 
 A few of the training queries (``validation_queries``) give a validation set for the curve (loss and
 average precision). A model is a sentence-transformers folder (~90 MB) with ``metadata.json`` (base model,
@@ -83,6 +87,13 @@ class RerankerConfig:
     squad_articles: int = 20  # articles sampled (seeded) and indexed
     squad_questions: int = 800
     squad_negatives: int = 2
+    # SQuAD 2.0 unanswerable questions sampled from the same articles: each is a negative with the chunk
+    # retrieved first for it and with its own paragraph (on topic, written to look answerable): the pairs
+    # that teach the model answerability rather than topical relevance
+    squad_unanswerable: int = 0
+    # an adapter's metadata.json (relative to the repository root): its validation articles, on which
+    # `rag adapters calibrate` chooses the gate's thresholds, are never trained on
+    exclude_validation_of: str = ""
     validation_queries: int = 40  # of the SciFact training queries (else SQuAD), for the curve only
 
     @classmethod
@@ -95,6 +106,8 @@ class RerankerConfig:
             problems.append("train_fraction must be in (0, 1]")
         if not config.scifact_dir and not config.squad_files:
             problems.append("no training data: set scifact_dir and/or squad_files")
+        if config.squad_unanswerable < 0 or config.squad_questions < 0:
+            problems.append("squad_questions and squad_unanswerable must be >= 0")
         if config.learning_rate <= 0 or config.retrieve_depth < 2:
             problems.append("learning_rate > 0 and retrieve_depth >= 2 are required")
         if problems:
@@ -140,20 +153,41 @@ def scifact_pairs(beir: BeirSet, query_ids: Sequence[str], config: RerankerConfi
     return pairs
 
 
-def squad_pairs(articles: Sequence[Article], index: CorpusIndex, config: RerankerConfig, seed: int) -> list[Pair]:
-    """1 positive + ``squad_negatives`` hard negatives per sampled answerable question (see module doc)."""
-    items = [(a, p, qa) for a in articles for p in a.paragraphs for qa in p.qas if qa.answers]
-    random.Random(seed).shuffle(items)
-    items = items[: config.squad_questions]
+def squad_pairs(articles: Sequence[Article], index: CorpusIndex, config: RerankerConfig,
+                seed: int) -> list[list[Pair]]:
+    """Per sampled question, its pairs: an answerable one gives 1 positive + ``squad_negatives`` hard
+    negatives; an unanswerable one (``squad_unanswerable`` of them) gives its first retrieved chunk and its
+    own paragraph, both negative (see module doc)."""
+    rng = random.Random(seed)
+    answerable = [(a, p, qa) for a in articles for p in a.paragraphs for qa in p.qas if qa.answers]
+    unanswerable = [(a, p, qa) for a in articles for p in a.paragraphs for qa in p.qas if not qa.answers]
+    rng.shuffle(answerable)
+    rng.shuffle(unanswerable)
+    items = answerable[: config.squad_questions] + unanswerable[: config.squad_unanswerable]
+    rng.shuffle(items)
     retrieved = _retrieved(index, [qa.question for _, _, qa in items], config.retrieve_depth, "pairs: squad")
-    pairs: list[Pair] = []
+    groups: list[list[Pair]] = []
     for (article, paragraph, qa), chunks in zip(items, retrieved):
+        own = gold_chunk(article, paragraph).text
+        if not qa.answers:
+            texts = list(dict.fromkeys([text for _, text in chunks[:1]] + [own]))
+            groups.append([(qa.question, text, 0.0) for text in texts])
+            continue
         answers = [a.lower() for a in qa.answers]
         holding = [text for _, text in chunks if any(a in text.lower() for a in answers)]
         lacking = [text for _, text in chunks if not any(a in text.lower() for a in answers)]
-        pairs.append((qa.question, holding[0] if holding else gold_chunk(article, paragraph).text, 1.0))
-        pairs += [(qa.question, text, 0.0) for text in lacking[: config.squad_negatives]]
-    return pairs
+        groups.append([(qa.question, holding[0] if holding else own, 1.0)]
+                      + [(qa.question, text, 0.0) for text in lacking[: config.squad_negatives]])
+    return groups
+
+
+def excluded_titles(config: RerankerConfig, root: Path) -> set[str]:
+    """The validation articles recorded in ``exclude_validation_of`` (empty when unset)."""
+    if not config.exclude_validation_of:
+        return set()
+    path = _resolve([config.exclude_validation_of], root)[0]
+    metadata = json.loads(path.read_text())
+    return set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
 
 
 def _resolve(paths: Sequence[str], root: Path) -> list[Path]:
@@ -194,26 +228,53 @@ def build_training_pairs(config: RerankerConfig, *, root: Path, open_beir: OpenB
                                     f"seed {config.seed}"}
     if config.squad_files:
         files = _resolve(config.squad_files, root)
-        articles = load_articles(files)
+        excluded = excluded_titles(config, root)
+        articles = [a for a in load_articles(files) if a.title not in excluded]
         articles = random.Random(config.seed).sample(articles, min(config.squad_articles, len(articles)))
         index = open_index(articles, file_digest(files))
         try:
-            pairs = squad_pairs(articles, index, config, config.seed)
+            groups = squad_pairs(articles, index, config, config.seed)
         finally:
             index.close()
         if not validation:
-            per_question = 1 + config.squad_negatives
-            validation, pairs = pairs[: per_question * config.validation_queries], pairs[per_question
-                                                                                        * config.validation_queries:]
+            validation = [pair for group in groups[: config.validation_queries] for pair in group]
+            groups = groups[config.validation_queries:]
+        pairs = [pair for group in groups for pair in group]
         train += pairs
         digests.append(file_digest(files))
         info["squad"] = {"files": [f.name for f in files], "articles": sorted(a.title for a in articles),
-                         "questions": sum(1 for *_, y in pairs if y == 1.0)}
+                         "questions": len(groups), "answerable": sum(1 for *_, y in pairs if y == 1.0),
+                         "excluded_articles": sorted(excluded)}
     rng.shuffle(train)
     info["sha256"] = hashlib.sha256("".join(digests).encode()).hexdigest()
     info["pairs"] = {"train": len(train), "validation": len(validation),
                      "positives": {"train": int(sum(y for *_, y in train)),
                                    "validation": int(sum(y for *_, y in validation))}}
+    return train, validation, info
+
+
+TRAINING_KNOBS = {"name", "max_length", "learning_rate", "warmup_ratio", "batch_size", "epochs",
+                  "time_budget_minutes", "eval_steps", "num_threads"}
+
+
+def cached_training_pairs(config: RerankerConfig, *, root: Path, open_beir: OpenBeir, open_index: OpenCorpusIndex,
+                          cache_root: Path) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
+    """build_training_pairs, kept in ``cache_root/pairs`` under a digest of the data settings, so that a
+    rerun with other training knobs skips indexing and retrieval (and trains in a process that never
+    loaded the embedding model)."""
+    data_settings = {k: v for k, v in sorted(dataclasses.asdict(config).items()) if k not in TRAINING_KNOBS}
+    key = hashlib.sha256(json.dumps(data_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_root / "pairs" / f"{key}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        log.info("training pairs from %s", path)
+        return ([tuple(p) for p in saved["train"]], [tuple(p) for p in saved["validation"]],
+                saved["info"])
+    train, validation, info = build_training_pairs(config, root=root, open_beir=open_beir, open_index=open_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"train": train, "validation": validation, "info": info}))
+    tmp.replace(path)
     return train, validation, info
 
 
@@ -233,8 +294,8 @@ def train_reranker(config: RerankerConfig, *, root: Path, registry_root: Path, c
     from ingestion.embedder import resolve_embedding_model
     from retrieval.cross_encoder import METADATA
 
-    train, validation, data_info = build_training_pairs(config, root=root, open_beir=open_beir,
-                                                        open_index=open_index)
+    train, validation, data_info = cached_training_pairs(config, root=root, open_beir=open_beir,
+                                                         open_index=open_index, cache_root=cache_root)
     if not train:
         raise ValueError(f"{config.name}: no training pairs were built")
     if config.num_threads:

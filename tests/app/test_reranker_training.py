@@ -7,6 +7,7 @@ The model is a real cross-encoder: the bundled MiniLM weights with a seeded rand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -195,6 +196,52 @@ def test_pairs_come_from_the_services_own_retrieval(tmp_path):
     assert "When did the harbor of Lumen close?" not in by_question  # unanswerable: no positive to pair
     assert info["scifact"]["validation_queries"] == 1 and len(info["sha256"]) == 64
     assert info["pairs"]["train"] == len(train) and info["pairs"]["validation"] == len(validation)
+
+
+def test_unanswerable_questions_are_negatives_with_their_own_paragraph(tmp_path):
+    """SQuAD 2.0's unanswerable questions (squad_unanswerable) pair with the paragraph they were written
+    against, labelled 0: the on-topic negatives an answerability model needs; an adapter's validation
+    articles (exclude_validation_of) never reach the pairs."""
+    from app.evaluation.indexes import corpus_opener
+    from generation.finetune.reranker import build_training_pairs
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "metadata.json").write_text(json.dumps(
+        {"training_data": {"articles": {"validation": ["Held_out"]}}}))
+    settings = make_settings(tmp_path / "data")
+    train, validation, info = build_training_pairs(
+        tiny_config(tmp_path, scifact_dir="", squad_unanswerable=5, validation_queries=0,
+                    exclude_validation_of="adapter/metadata.json"),
+        root=tmp_path, open_beir=None, open_index=corpus_opener(settings, tmp_path / "cache"))
+    closed = [(text, label) for question, text, label in train if question == "When did the harbor of Lumen close?"]
+    assert closed and all(label == 0.0 for _, label in closed)
+    assert any("opened in 1852" in text for text, _ in closed)  # its own paragraph, on topic, no answer
+    assert not any("museum" in text for _, text, _ in train + validation)
+    assert "What does the museum show?" not in {q for q, _, _ in train}
+    assert info["squad"]["excluded_articles"] == ["Held_out"] and info["squad"]["answerable"] == 3
+
+
+def test_training_pairs_are_cached_by_their_data_settings(tmp_path):
+    """A rerun that changes only training knobs reuses the pairs; one that changes the data builds anew."""
+    from app.evaluation.indexes import corpus_opener
+    from generation.finetune.reranker import cached_training_pairs
+
+    settings = make_settings(tmp_path / "data")
+    opened = []
+
+    def open_index(*args):
+        opened.append(args)
+        return corpus_opener(settings, tmp_path / "cache")(*args)
+
+    config = tiny_config(tmp_path, scifact_dir="")
+    first = cached_training_pairs(config, root=tmp_path, open_beir=None, open_index=open_index,
+                                  cache_root=tmp_path / "cache")
+    again = cached_training_pairs(dataclasses.replace(config, learning_rate=1e-4, batch_size=2), root=tmp_path,
+                                  open_beir=None, open_index=open_index, cache_root=tmp_path / "cache")
+    assert len(opened) == 1 and again[0] == first[0] and again[2] == first[2]
+    cached_training_pairs(dataclasses.replace(config, squad_negatives=0), root=tmp_path, open_beir=None,
+                          open_index=open_index, cache_root=tmp_path / "cache")
+    assert len(opened) == 2
 
 
 def squad_file(path: Path) -> Path:
