@@ -42,6 +42,11 @@ GRID: dict[str, Sequence[Any]] = {
 }
 
 
+def validation_titles(metadata: dict[str, Any]) -> set[str]:
+    """The titles of the held-out training articles an adapter's metadata records (empty when none)."""
+    return set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
+
+
 def held_out_articles(metadata: dict[str, Any], root: Path) -> tuple[list[Article], list[Article], str]:
     """(validation articles of every training file, the training corpus, description) of an adapter.
 
@@ -50,7 +55,7 @@ def held_out_articles(metadata: dict[str, Any], root: Path) -> tuple[list[Articl
     metadata records none or a file is absent.
     """
     files = [root / f for f in metadata.get("config", {}).get("train_files", [])]
-    titles = set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
+    titles = validation_titles(metadata)
     missing = [str(f) for f in files if not f.is_file()]
     if not files or not titles or missing:
         raise ValueError(f"no held-out articles to calibrate on ({', '.join(missing) or 'none recorded'})")

@@ -185,9 +185,9 @@ def excluded_titles(config: RerankerConfig, root: Path) -> set[str]:
     """The validation articles recorded in ``exclude_validation_of`` (empty when unset)."""
     if not config.exclude_validation_of:
         return set()
-    path = _resolve([config.exclude_validation_of], root)[0]
-    metadata = json.loads(path.read_text())
-    return set(metadata.get("training_data", {}).get("articles", {}).get("validation", []))
+    from generation.finetune.calibrate import validation_titles
+
+    return validation_titles(json.loads(_resolve([config.exclude_validation_of], root)[0].read_text()))
 
 
 def _resolve(paths: Sequence[str], root: Path) -> list[Path]:
@@ -263,6 +263,12 @@ def cached_training_pairs(config: RerankerConfig, *, root: Path, open_beir: Open
     rerun with other training knobs skips indexing and retrieval (and trains in a process that never
     loaded the embedding model)."""
     data_settings = {k: v for k, v in sorted(dataclasses.asdict(config).items()) if k not in TRAINING_KNOBS}
+    sources = _resolve([*config.squad_files, *([config.exclude_validation_of] if config.exclude_validation_of
+                                               else [])], root)
+    if config.scifact_dir:
+        folder = _resolve([config.scifact_dir], root)[0]
+        sources += [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / "train.tsv"]
+    data_settings["sources_sha256"] = file_digest([p for p in sources if p.is_file()])  # edited data: new pairs
     key = hashlib.sha256(json.dumps(data_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root / "pairs" / f"{key}.json"
     if path.is_file():
