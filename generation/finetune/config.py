@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import pydantic
 import yaml
 
 from generation.methods import METHODS, Method, Quantization, method_spec
@@ -167,4 +168,11 @@ def read_yaml_config(cls: type[ConfigT], path: Path, overrides: dict[str, Any] |
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**data)
+    # pydantic checks each value against its field's type and converts what is meant: YAML 1.1 reads `1e-3`
+    # (no dot) as a string, which the optimizer would otherwise meet deep inside training
+    try:
+        config: ConfigT = pydantic.TypeAdapter(cls).validate_python(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}" for e in exc.errors())
+        raise ValueError(f"{path}: {problems}") from None
+    return config

@@ -198,3 +198,15 @@ def test_config_rejects_unknown_keys(tmp_path) -> None:
     path.write_text("name: x\nlearning_rat: 0.1\ntrain_files: [a]\n")
     with pytest.raises(ValueError, match="learning_rat"):
         TrainConfig.from_yaml(path)
+
+
+def test_config_reads_yaml_exponents_as_numbers_and_names_a_wrongly_typed_setting(tmp_path) -> None:
+    # PyYAML reads `1e-3` (no dot) as the string "1e-3"; handed on as is, it failed deep inside the optimizer
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nlearning_rate: 1e-3\ntrain_files: [a]\n")
+    config = TrainConfig.from_yaml(path, {"r": "8", "time_budget_minutes": "2e1"})
+    assert config.learning_rate == 0.001 and config.r == 8 and config.time_budget_minutes == 20.0
+    with pytest.raises(ValueError, match=r"c\.yaml: r: .*'sixteen'"):
+        TrainConfig.from_yaml(path, {"r": "sixteen"})
+    with pytest.raises(ValueError, match=r"c\.yaml: method: .*'adalora'"):
+        TrainConfig.from_yaml(path, {"method": "adalora"})
