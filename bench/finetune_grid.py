@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from common import command_line, machine, update_section
+from common import update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train" / "smollm2-squad.yaml"
@@ -143,8 +143,8 @@ def main() -> None:
     body = (f"### LoRA grid: every point trains on the same {args.rows} rows (contexts) from the committed config\n\n"
             + table(results) + f"\n\ngold EM / F1: {args.eval_limit} seeded questions of {args.eval_data}, "
             f"abstention margin {args.abstain_margin}; ΔF1: against the shipped point on the same questions, "
-            f"mean and 95% paired-bootstrap interval. Plot: `{PLOT.relative_to(ROOT)}`.\n\n"
-            f"_`{command_line()}` on {machine()}._")
+            f"mean and 95% paired-bootstrap interval; F1 of answered: over the answerable questions not abstained on. "
+            f"Plot: `{PLOT.relative_to(ROOT)}`.")
     print(body)
     if all("gold_f1" in e for e in results.values()):
         plot(results, PLOT)
@@ -181,24 +181,35 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.6))
+    f1_top = 5 + max(max(e["gold_f1"], e.get("gold_f1_answered") or 0) for e in results.values())
+    losses = [e["final_eval_loss"] for e in results.values()]
     for ax, (title, (knob, points)) in zip(axes, PANELS.items()):
         shown = sorted((p for p in [SHIPPED, *points] if p in results), key=lambda p: results[p]["knobs"][knob])
         if not shown:
             ax.set_visible(False)
             continue
         x = [results[p]["knobs"][knob] for p in shown]
-        ax.plot(x, [results[p]["gold_f1"] for p in shown], "o-", color="tab:blue")
-        ax.set_ylabel("gold F1", color="tab:blue")
+        ax.plot(x, [results[p]["gold_f1"] for p in shown], "o-", color="tab:blue", label="gold F1")
+        ax.plot(x, [results[p].get("gold_f1_answered") for p in shown], "o:", color="tab:blue", alpha=0.5,
+                label="F1 of answered")
+        ax.set_ylim(0, f1_top)
+        ax.set_ylabel("F1", color="tab:blue")
         loss = ax.twinx()
         loss.plot(x, [results[p]["final_eval_loss"] for p in shown], "s--", color="tab:orange")
+        loss.set_ylim(min(losses) - 0.1, max(losses) + 0.1)
         loss.set_ylabel("validation loss", color="tab:orange")
         shipped_x = results[SHIPPED]["knobs"][knob] if SHIPPED in results else None
         if shipped_x is not None:
             ax.axvline(shipped_x, color="grey", linewidth=0.8, linestyle=":")
         if knob == "learning_rate":
             ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(x, [f"{v:g}" for v in x])
         ax.set_xlabel(title)
         ax.set_title(f"{title} (shipped: {shipped_x:g})" if shipped_x is not None else title, fontsize=9)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("LoRA knobs, one at a time, at equal training rows (F1: blue, left; validation loss: orange, right)",
+                 fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
