@@ -97,10 +97,8 @@ def measure(point: str, args: argparse.Namespace, rag: str) -> dict[str, Any]:
 def gold_scores(report: Path) -> dict[str, Any]:
     """The entry's fields from a `rag eval generation --json` report; F1 per question for the paired test."""
     scores = json.loads(report.read_text())
-    answered = [r["f1"] for r in scores["predictions"] if r["answerable"] and not r["abstained"]]
     return {"gold_em": scores["em"], "gold_f1": scores["f1"], "gold_n": scores["n"],
-            "gold_abstain_answerable": scores["abstain_answerable"],
-            "gold_f1_answered": round(100 * sum(answered) / len(answered), 2) if answered else None,
+            "gold_abstain_answerable": scores["abstain_answerable"], "gold_f1_answered": scores["f1_answered"],
             "question_f1": {r["id"]: r["f1"] for r in scores["predictions"]}}
 
 
@@ -136,10 +134,6 @@ def main() -> None:
             results[point] = entry
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     results = {p: results[p] for p in POINTS if p in results}
-    for point, entry in results.items():  # entries measured before the answered-only F1 was recorded
-        report = args.out.parent / f"grid-{point}-eval.json"
-        if "gold_f1_answered" not in entry and report.is_file():
-            entry.update(gold_scores(report))
     body = (f"### LoRA grid: every point trains on the same {args.rows} rows (contexts) from the committed config\n\n"
             + table(results) + f"\n\ngold EM / F1: {args.eval_limit} seeded questions of {args.eval_data}, "
             f"abstention margin {args.abstain_margin}; ΔF1: against the shipped point on the same questions, "

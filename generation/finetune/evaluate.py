@@ -131,6 +131,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     report = {
         "em": _mean([r["em"] for r in answerable]),
         "f1": _mean([r["f1"] for r in answerable]),
+        "f1_answered": _mean([r["f1"] for r in answered]),  # answerable questions not abstained on
         "n": len(answerable),
         "n_unanswerable": len(unanswerable),
         "n_out_of_corpus": len(outside),
