@@ -33,6 +33,7 @@ RUNS = {  # name -> (data file, mode, corpus files)
 }
 COLUMNS = [("em", "EM"), ("f1", "F1"), ("abstain_answerable", "abstains: answerable"),
            ("abstain_unanswerable", "abstains: unanswerable"), ("abstain_out_of_corpus", "abstains: out of corpus"),
+           ("out_of_corpus_answered_right", "out of corpus, answered right"),
            ("citation_valid", "citation valid"), ("citation_valid_generated", "valid before verification"),
            ("citation_precision", "citation precision"), ("unsupported_rate", "unsupported"),
            ("answer_in_context", "answer in context")]

@@ -8,6 +8,7 @@ chunking evaluations, and handed to the fine-tuning stage as a ``CorpusIndex`` (
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -88,8 +89,19 @@ def open_index(settings: Settings, data_dir: Path, key: dict[str, Any], document
     """Reuse the index in `data_dir` if it was built from `key`; else build it there from `documents()`.
 
     An `owned` folder (a cache entry) without a finished build is an interrupted one and is wiped;
-    any other folder must be empty or an evaluation index.
+    any other folder must be empty or an evaluation index. Processes opening the same cache entry at once
+    take turns: one builds it, the others wait and reuse it.
     """
+    if not owned:
+        return _open_or_build(settings, data_dir, key, documents, chunker=chunker, owned=False)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f".{data_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        return _open_or_build(settings, data_dir, key, documents, chunker=chunker, owned=True)
+
+
+def _open_or_build(settings: Settings, data_dir: Path, key: dict[str, Any], documents: Callable[[], list[Document]],
+                   *, chunker: Callable[[Services], object] | None, owned: bool) -> EvalIndex:
     from ingestion.ledger import writer_lock
 
     marker = data_dir / MARKER
@@ -139,7 +151,7 @@ def squad_corpus_index(articles: Sequence[Article], settings: Settings, source_d
     titles = hashlib.sha256("\x1f".join(a.title for a in articles).encode()).hexdigest()[:16]
     key = {**index_key(source_digest, settings), "articles": titles}
     documents = article_documents(articles, source="squad")
-    return open_index(settings, cache_root / "index" / key_hash(key), key, lambda: documents)
+    return open_index(settings, cache_root / "index" / key_hash(key), key, lambda: documents, owned=True)
 
 
 def corpus_opener(settings: Settings, cache_root: Path) -> Callable[[Sequence[Article], str], CorpusIndex]:

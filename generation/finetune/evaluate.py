@@ -10,7 +10,8 @@ scores as the empty answer.
 ``em`` / ``f1`` are over the answerable questions whose article is indexed (SQuAD v1.1 scoring). For files
 with unanswerable questions, ``em_all`` / ``f1_all`` follow the SQuAD 2.0 convention (an unanswerable
 question scores 1 when the model abstains, else 0). Questions whose article is not in the corpus are
-*out of corpus*: the right answer is an abstention (``abstain_out_of_corpus``). Citations:
+*out of corpus*: the right answer is an abstention (``abstain_out_of_corpus``), unless another indexed
+article holds the answer too (``out_of_corpus_answered_right``: answered with a gold answer, EM). Citations:
 ``citation_valid`` is the share of ``[n]`` in returned answers that name a given chunk
 (``citation_valid_generated``: the same before verification), ``citation_precision`` the share of answered,
 answerable in-corpus questions whose cited chunks hold a gold answer, ``unsupported_rate`` the share of
@@ -138,6 +139,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "abstain_unanswerable": _mean([float(r["abstained"]) for r in unanswerable]),
         "abstain_answerable": _mean([float(r["abstained"]) for r in answerable]),
         "abstain_out_of_corpus": _mean([float(r["abstained"]) for r in outside]),
+        # out-of-corpus questions answered with their gold answer (EM): another indexed article held it after all
+        "out_of_corpus_answered_right": _mean([float(not r["abstained"] and r.get("em") == 1.0) for r in outside]),
         "citation_valid": round(100 * sum(r.get("refs_valid", 0) for r in records) / refs, 2) if refs else None,
         "citation_valid_generated": (round(100 * sum(r.get("refs_generated_valid", 0) for r in records)
                                            / refs_generated, 2) if refs_generated else None),

@@ -170,3 +170,40 @@ def test_tuning_prefers_fewer_candidates_on_ties_and_records_the_depth():
     curve["convex"].append(row(100, 0.715, alpha=0.45))
     assert choose(curve)["fusion"] == "rrf" and choose(curve)["candidates"] == 100
     assert choose(curve)["fusion_alpha"] == 0.45  # the best convex weight at the chosen depth
+
+
+OPEN_CACHED_INDEX = """
+import sys, time
+from pathlib import Path
+from app.evaluation.indexes import open_index
+from app.settings import Settings
+from ingestion.documents import Document
+
+def documents():
+    time.sleep(3)  # a slow build: the other process arrives while this one is half-way
+    return [Document(document_id="rocks", title="Rocks", text="Granite is an igneous rock. " * 20)]
+
+settings = Settings(_env_file=None, data_dir=Path(sys.argv[1]) / "data", retrieval_tuning=None)
+index = open_index(settings, Path(sys.argv[1]) / "cache" / "entry", {"corpus": "rocks"}, documents, owned=True)
+print("reused" if index.reused else "built", index.info["chunks"])
+"""
+
+
+def test_two_processes_opening_one_cached_index_take_turns(tmp_path):
+    """Two evaluations started together on the same corpus (the grounding benchmark runs the adapter and the
+    base model side by side) used to collide: the second saw the first one's half-built folder and failed
+    ("holds data that is not an evaluation index") or wiped it. Now one builds and the other reuses."""
+    import subprocess
+    import sys
+
+    from app.settings import REPO_ROOT
+
+    script = tmp_path / "open_index.py"
+    script.write_text(OPEN_CACHED_INDEX)
+    processes = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO_ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in results]
+    outcomes = sorted(out.split()[0] for out, _ in results)
+    assert outcomes == ["built", "reused"]
+    assert len({out.split()[1] for out, _ in results}) == 1  # the same chunks in both

@@ -53,6 +53,19 @@ def test_predictions_are_scored_without_citations_and_abstentions_count() -> Non
     assert summary["em_all"] == pytest.approx(100 * 2 / 5)
 
 
+def test_out_of_corpus_answers_that_match_the_gold_answer_are_counted_apart() -> None:
+    """An out-of-corpus question answered with its gold answer means another indexed article held it: the
+    summary counts it (``out_of_corpus_answered_right``), beside the abstentions, and never in ``em`` / ``f1``."""
+    qa = QA("1", "Who founded the dynasty?", ("Kublai Khan",))
+    right = {**score_prediction("Kublai Khan [1]", qa, False), "in_corpus": False}
+    wrong = {**score_prediction("Genghis Khan [1]", qa, False), "in_corpus": False}
+    silent = {**score_prediction("I don't know.", qa, True), "in_corpus": False}
+    summary = summarize([right, wrong, silent, {**score_prediction("Kublai Khan", qa, False), "in_corpus": True}])
+    assert summary["n_out_of_corpus"] == 3 and summary["n"] == 1 and summary["em"] == 100.0
+    assert summary["abstain_out_of_corpus"] == pytest.approx(100 / 3, abs=0.01)
+    assert summary["out_of_corpus_answered_right"] == pytest.approx(100 / 3, abs=0.01)
+
+
 IDS = [f"q{i:02d}" for i in range(12)]
 # random.Random(seed).sample(sorted(IDS), 4), computed once in a separate shell
 SAMPLE = {0: ["q00", "q04", "q06", "q11"], 1: ["q01", "q02", "q04", "q09"]}
