@@ -96,7 +96,11 @@ def open_index(settings: Settings, data_dir: Path, key: dict[str, Any], document
         return _open_or_build(settings, data_dir, key, documents, chunker=chunker, owned=False)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(data_dir.parent / f".{data_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is building or opening %s", data_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         return _open_or_build(settings, data_dir, key, documents, chunker=chunker, owned=True)
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     no_gold_fraction: float = 0.1  # contexts of distractors only: the paragraph's questions -> "I don't know."
     questions_per_row: int = 6
     impossible_per_row: int = 2  # SQuAD 2.0 unanswerable questions per row at most
+    off_topic_fraction: float = 0.0  # contexts from other articles only (out of corpus) -> "I don't know."
     output_dir: str = "runs"  # checkpoints and logs; the adapter goes to the registry
 
     @classmethod
@@ -107,8 +108,10 @@ class TrainConfig:
         lo, hi = self.context_chunks
         if not 1 <= lo <= hi:
             raise ValueError(f"context_chunks: expected [min, max] with 1 <= min <= max, got {self.context_chunks}")
-        if not 0 <= self.gold_only_fraction + self.no_gold_fraction <= 1:
-            raise ValueError("gold_only_fraction + no_gold_fraction must lie in [0, 1]")
+        fractions = (self.gold_only_fraction, self.no_gold_fraction, self.off_topic_fraction)
+        if min(fractions) < 0 or sum(fractions) > 1:
+            raise ValueError("gold_only_fraction, no_gold_fraction and off_topic_fraction must be >= 0 "
+                             "and sum to at most 1")
         if self.lr_scheduler == "cosine_time" and not self.time_budget_minutes:
             raise ValueError("lr_scheduler cosine_time needs time_budget_minutes")
         if self.max_steps <= 0 and self.epochs <= 0:

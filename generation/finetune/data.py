@@ -15,6 +15,8 @@ Contexts, per paragraph of the training articles:
   ``"<answer> [ref of the gold chunk]"``.
 - ``gold``: the gold paragraph alone (the setting of gold-mode evaluation).
 - ``no_gold``: distractors only; answerable questions become ``"I don't know."`` (abstaining on noise).
+- ``off_topic``: the question's retrieved chunks from the *other* articles only, answerable questions
+  ``"I don't know."``: what an out-of-corpus question meets at serving (its article is not indexed).
 SQuAD 2.0 unanswerable questions about the paragraph target ``"I don't know."`` in every context.
 """
 
@@ -137,12 +139,18 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str, QA]]:
                    QA(qid, row["question"].strip(), (answer,) if answer else (), not answer))
 
 
+def article_document_ids(articles: Sequence[Article]) -> dict[str, str]:
+    """Article title -> the document id :func:`article_documents` gives it."""
+    return {article.title: f"article-{number:04d}" for number, article in enumerate(articles)}
+
+
 def article_documents(articles: Sequence[Article], source: str) -> list[Document]:
     """One Document per article: paragraphs joined by blank lines, the title as the document title."""
+    ids = article_document_ids(articles)
     return [
-        Document(document_id=f"article-{number:04d}", text="\n\n".join(p.context for p in article.paragraphs),
+        Document(document_id=ids[article.title], text="\n\n".join(p.context for p in article.paragraphs),
                  title=article.display_title, source=source, created_at="2016-01-01T00:00:00+00:00")
-        for number, article in enumerate(articles)
+        for article in articles
     ]
 
 
@@ -205,6 +213,9 @@ class RowBuilder:
     no_gold_fraction: float = 0.1
     questions_per_row: int = 6
     impossible_per_row: int = 2
+    off_topic_fraction: float = 0.0
+    # article title -> its document id in the retriever's index (absent: the title itself)
+    document_ids: dict[str, str] = field(default_factory=dict)
 
     def build(self, article: Article, paragraph: Paragraph, rng: random.Random) -> Row | None:
         answerable = [q for q in paragraph.qas if not q.impossible]
@@ -212,8 +223,11 @@ class RowBuilder:
         rng.shuffle(answerable)
         rng.shuffle(impossible)
         draw = rng.random()
+        # gold and no_gold keep the thresholds they had before off_topic (at 0 the rows are the same)
+        no_gold_until = self.gold_only_fraction + self.no_gold_fraction
         kind = ("gold" if draw < self.gold_only_fraction
-                else "no_gold" if draw < self.gold_only_fraction + self.no_gold_fraction and answerable
+                else "no_gold" if draw < no_gold_until and answerable
+                else "off_topic" if draw < no_gold_until + self.off_topic_fraction and answerable
                 else "retrieved")
         n_impossible = min(len(impossible), self.impossible_per_row)
         questions = answerable[: self.questions_per_row - n_impossible] + impossible[:n_impossible]
@@ -223,6 +237,11 @@ class RowBuilder:
         k = rng.randint(*self.context_chunks)
         if kind == "gold":
             chunks = [gold]
+        elif kind == "off_topic":
+            own = self.document_ids.get(article.title, article.title)
+            chunks = [c for c in self.retrieve(questions[0].question, k + 30) if c.document_id != own][:k]
+            if not chunks:
+                return None
         else:
             distractors = self._distractors(questions[0].question, paragraph, questions, k)
             if kind == "no_gold":
@@ -346,7 +365,7 @@ def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root:
     data_settings = {name: getattr(config, name) for name in (
         "base_model", "context_window", "max_new_tokens", "max_seq_length", "seed", "validation_articles",
         "validation_rows", "train_rows", "context_chunks", "gold_only_fraction", "no_gold_fraction",
-        "questions_per_row", "impossible_per_row")}
+        "questions_per_row", "impossible_per_row", "off_topic_fraction")}
     # prompts are packed into the window the served adapter leaves them (less any virtual tokens)
     data_settings["context_window"] = config.prompt_window
     key = cache_key(data_sha256=digest, data=data_settings, retrieval=retrieval_key, vocab=len(tokenizer))
@@ -364,7 +383,9 @@ def prepare_rows(config: Any, tokenizer: Any, files: Sequence[Path], cache_root:
                              context_window=config.prompt_window, max_new_tokens=config.max_new_tokens,
                              max_seq_length=config.max_seq_length, context_chunks=tuple(config.context_chunks),
                              gold_only_fraction=config.gold_only_fraction, no_gold_fraction=config.no_gold_fraction,
-                             questions_per_row=config.questions_per_row, impossible_per_row=config.impossible_per_row)
+                             questions_per_row=config.questions_per_row, impossible_per_row=config.impossible_per_row,
+                             off_topic_fraction=config.off_topic_fraction,
+                             document_ids=article_document_ids(articles))
         rows = {"train": build_rows(builder, paragraphs_of(train), config.train_rows, config.seed, "train rows"),
                 "validation": build_rows(builder, paragraphs_of(validation), config.validation_rows,
                                          config.seed + 1, "validation rows")}

@@ -173,7 +173,7 @@ def test_tuning_prefers_fewer_candidates_on_ties_and_records_the_depth():
 
 
 OPEN_CACHED_INDEX = """
-import sys, time
+import logging, sys, time
 from pathlib import Path
 from app.evaluation.indexes import open_index
 from app.settings import Settings
@@ -183,6 +183,7 @@ def documents():
     time.sleep(3)  # a slow build: the other process arrives while this one is half-way
     return [Document(document_id="rocks", title="Rocks", text="Granite is an igneous rock. " * 20)]
 
+logging.basicConfig(level=logging.INFO)
 settings = Settings(_env_file=None, data_dir=Path(sys.argv[1]) / "data", retrieval_tuning=None)
 index = open_index(settings, Path(sys.argv[1]) / "cache" / "entry", {"corpus": "rocks"}, documents, owned=True)
 print("reused" if index.reused else "built", index.info["chunks"])
@@ -207,3 +208,32 @@ def test_two_processes_opening_one_cached_index_take_turns(tmp_path):
     outcomes = sorted(out.split()[0] for out, _ in results)
     assert outcomes == ["built", "reused"]
     assert len({out.split()[1] for out, _ in results}) == 1  # the same chunks in both
+
+
+def test_a_process_waiting_for_a_cache_entry_says_so(tmp_path):
+    """The process that waits its turn logs what it waits for (it used to sit silent)."""
+    import fcntl
+    import subprocess
+    import sys
+    import threading
+
+    from app.settings import REPO_ROOT
+
+    script = tmp_path / "open_index.py"
+    script.write_text(OPEN_CACHED_INDEX)
+    (tmp_path / "cache").mkdir()
+    with open(tmp_path / "cache" / ".entry.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process holds the entry
+        process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO_ROOT, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        safety = threading.Timer(120, lambda: fcntl.flock(lock, fcntl.LOCK_UN))  # never hang the suite
+        safety.start()
+        # the first matching line ends the scan; "" (EOF) ends it if the line never comes
+        waited = next((line for line in iter(process.stderr.readline, "") if "waiting for another process" in line),
+                      "")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        safety.cancel()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert str(tmp_path / "cache" / "entry") in waited
+    assert out.split()[0] == "built"

@@ -88,6 +88,30 @@ def test_gold_paragraph_is_cited_and_unanswerable_abstains(smol_tokenizer) -> No
     assert context.count("Madrid") == 1  # distractors never hold the gold paragraph
 
 
+def test_off_topic_rows_hold_other_articles_only_and_abstain(smol_tokenizer) -> None:
+    articles = make_articles()
+    builder = RowBuilder(tokenizer=smol_tokenizer, retrieve=stub_retrieve(articles), context_window=1024,
+                         max_new_tokens=32, max_seq_length=2048, context_chunks=(3, 3), gold_only_fraction=0.0,
+                         no_gold_fraction=0.0, off_topic_fraction=1.0, questions_per_row=3, impossible_per_row=1)
+    article = articles[0]  # the stub retrieves its paragraph first: off_topic must skip it
+    row = builder.build(article, article.paragraphs[0], random.Random(3))
+    assert row.kind == "off_topic"
+    answers = {smol_tokenizer.decode([t for t in b["labels"] if t != -100], skip_special_tokens=True).strip()
+               for b in row.branches}
+    assert answers == {ABSTAIN_ANSWER}
+    context = smol_tokenizer.decode(row.prefix)
+    assert "Paris" not in context
+    assert all(city in context for city, _ in FACTS[1:4])  # the next three articles the stub ranks
+
+
+def test_off_topic_fraction_is_validated_with_the_others(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nbase_model: b\ngold_only_fraction: 0.5\nno_gold_fraction: 0.2\n"
+                    "off_topic_fraction: 0.4\n")
+    with pytest.raises(ValueError, match="off_topic_fraction"):
+        TrainConfig.from_yaml(path)
+
+
 def test_shared_prefix_row_gives_each_example_its_own_logits(rows, tiny_model_dir) -> None:
     built, builder, articles = rows
     loaded = load_generator(str(tiny_model_dir), context_window=NATIVE)
