@@ -79,7 +79,10 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
         config = read_yaml_config(cls, path, overrides)
-        config.validate()
+        try:
+            config.validate()
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None  # name the file, as read_yaml_config's errors do
         return config
 
     @property
