@@ -493,7 +493,7 @@ def grounding_thresholds(settings: Settings, metadata: dict[str, Any]) -> Any:
     calibrated = Thresholds.from_metadata(metadata)
     overrides = {name: getattr(settings, name) for name in ("relevance_min", "dense_min", "gate_weight", "gate_min",
                                                             "answerability_min", "evidence_min", "support_min",
-                                                            "confidence_min")
+                                                            "confidence_min", "margin_slope")
                  if getattr(settings, name) is not None}
     return replace(calibrated, **overrides)
 

@@ -137,9 +137,15 @@ class Settings(BaseSettings):
     rerankers_dir: Path = Field(REPO_RERANKERS, description="Reranker registry (default: the repo's rerankers/).")
     merge_adapter: bool = False
     abstain_margin: float | None = Field(
-        None, ge=0.0,
-        description="Logits \"I don't know.\" must win by on the first answer token; unset: the adapter's "
-                    "calibrated value (its metadata), 0 for the base model.")
+        None, ge=-10.0, le=10.0,
+        description="Logits \"I don't know.\" must win by on the first answer token (below 0: it is started "
+                    "when another token wins by less); unset: the adapter's calibrated value (its metadata), "
+                    "0 for the base model.")
+    margin_slope: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Logits added to the abstention margin per unit of blended gate score above RAG_GATE_MIN "
+                    "(the model's \"I don't know.\" counts for more where retrieval is weak); unset: the "
+                    "adapter's calibrated value.")
     unsupported: Literal["abstain", "flag"] = Field(
         "abstain", description="An answer its citations do not support: 'abstain' (answer \"I don't know.\", "
                                "abstain_reason unsupported_answer) or 'flag' (returned with grounded=false).")

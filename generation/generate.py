@@ -40,13 +40,14 @@ class GenerationResult:
 class Generator(Protocol):
     """The interface every backend offers (LoadedGenerator in-process, generation.vllm_backend.VllmGenerator):
     what a prompt is packed for (``tokenizer``, ``context_window``), its calibrated ``grounding`` thresholds,
-    the ``prompt_template_version`` its prompts are packed with (its adapter's, else the current one), and
-    ``generate`` (greedy; see :func:`generate_answer` for the arguments)."""
+    the ``prompt_template_version`` its prompts are packed with (its adapter's, else the current one), its
+    calibrated ``abstain_margin``, and ``generate`` (greedy; see :func:`generate_answer` for the arguments)."""
 
     tokenizer: Any
     context_window: int
     grounding: Thresholds
     prompt_template_version: str
+    abstain_margin: float
 
     def generate(self, packed: PackedPrompt, *, max_new_tokens: int, timeout_s: float | None = None,
                  abstain_margin: float | None = None, on_text: Callable[[str], None] | None = None,

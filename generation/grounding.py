@@ -16,6 +16,10 @@ Serving and evaluation take the same decision (:func:`verdict`) from the same si
   the chunk answers the question, from the project's own cross-encoder (retrieval/cross_encoder.py): the
   reranking stage's score carried on the chunk, or scored here for chunks given without one.
 - **confidence**: the mean log-probability of the answer's tokens under the generator.
+- **abstention preference** (during generation): how much the generator prefers to start "I don't know."
+  over any other first token. It abstains when that exceeds the adapter's margin; with ``margin_slope``
+  the margin grows with the gate score (:func:`abstain_margin_for`), so a question whose context barely
+  passed the gate is dropped on a weaker preference than one whose context matches it closely.
 
 An answer is *grounded* when a chunk it cites supports it with enough evidence and the generator was
 confident enough; its grounding score is ``support * evidence`` of its best cited chunk. Citations
@@ -67,6 +71,9 @@ class Thresholds:
     evidence_min: float = 0.0  # question terms around the answer in the cited chunk
     support_min: float = 0.5  # answer words found in the cited chunk
     confidence_min: float | None = None  # mean token log-probability of the answer (None: no check)
+    # with gate_weight: logits added to the abstention margin per unit of gate score above gate_min, so the
+    # generator's own "I don't know." decides where retrieval is weak and is overruled where it is strong
+    margin_slope: float = 0.0
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any] | None) -> "Thresholds":
@@ -289,6 +296,22 @@ def has_relevant_context(signals: Signals, thresholds: Thresholds) -> bool:
                    for rel, dense in zip(signals.relevance, signals.dense)]
     return any(passes and (answer is None or answer >= thresholds.answerability_min)
                for passes, answer in zip(topical, answerability))
+
+
+def gate_score(signals: Signals, thresholds: Thresholds) -> float | None:
+    """The best chunk's blended gate score (None without a blended gate or without chunks)."""
+    if thresholds.gate_weight is None or not signals.relevance:
+        return None
+    return float(max(blend(thresholds.gate_weight, rel, dense) for rel, dense in zip(signals.relevance, signals.dense)))
+
+
+def abstain_margin_for(margin: float, signals: Signals, thresholds: Thresholds) -> float:
+    """The abstention margin for this context: ``margin`` plus ``margin_slope`` per unit of the best chunk's
+    gate score above ``gate_min`` (a context below it does not reach the generator)."""
+    score = gate_score(signals, thresholds)
+    if not thresholds.margin_slope or score is None:
+        return margin
+    return margin + thresholds.margin_slope * max(score - thresholds.gate_min, 0.0)
 
 
 def blend(weight: Any, relevance: Any, dense: Any) -> Any:

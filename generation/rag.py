@@ -26,8 +26,8 @@ from opentelemetry import trace
 from pydantic import Field
 
 from generation.generate import GenerationResult, Generator
-from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, has_relevant_context, measure,
-                                  relevance_signals, verdict)
+from generation.grounding import (Decision, Thresholds, UnsupportedPolicy, abstain_margin_for, has_relevant_context,
+                                  measure, relevance_signals, verdict)
 from generation.prompt import ContextChunk, PackedPrompt, pack_prompt
 from ingestion.ledger import Ledger
 from retrieval.acl import Groups, visible
@@ -112,6 +112,9 @@ def grounded_generation(generator: Generator, question: str, chunks: list[Contex
         signals = relevance_signals(question, packed.chunks, scorer, term_weights)
     if not has_relevant_context(signals, thresholds):
         return Grounded(packed, None, verdict(signals, thresholds, unsupported))
+    if thresholds.margin_slope:
+        base = generator.abstain_margin if abstain_margin is None else abstain_margin
+        abstain_margin = abstain_margin_for(base, signals, thresholds)
     with tracer.start_as_current_span("generate") as span:
         result = generator.generate(packed, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
                                     abstain_margin=abstain_margin, on_text=on_text, cancel=cancel)

@@ -437,14 +437,19 @@ class VllmGenerator:
         first = next(tokens, None)
         if first is not None:
             preference, best_other = abstain_preference(first, abstain_id)
-            if first.id == abstain_id and preference <= margin:  # AbstainMargin: the best other token instead
+            instead: int | None = None  # AbstainMargin's choice where greedy's first token differs from it
+            if first.id == abstain_id and preference <= margin:  # the best other token
+                instead = best_other
+            elif first.id != abstain_id and abstain_id in first.top and preference > margin:  # a negative margin
+                instead = abstain_id  # (outside the top tokens only a bound is known: never forced)
+            if instead is not None:
                 stream.close()
-                first, counted = Token(best_other, first.top[best_other], first.top), 1
-                if best_other not in self.stops and max_new_tokens > 1:
-                    stream = self._stream([*packed.input_ids, best_other], max_new_tokens - 1, deadline, cancel)
+                first, counted = Token(instead, first.top[instead], first.top), 1
+                if instead not in self.stops and max_new_tokens > 1:
+                    stream = self._stream([*packed.input_ids, instead], max_new_tokens - 1, deadline, cancel)
                     tokens = iter(stream)
                 else:
-                    stream.finish_reason = "stop" if best_other in self.stops else "length"
+                    stream.finish_reason = "stop" if instead in self.stops else "length"
                     tokens = iter(())
             tokens = _chain(first, tokens)
         for token in tokens:

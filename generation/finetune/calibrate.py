@@ -6,9 +6,12 @@ Three kinds of question: answerable and SQuAD 2.0 unanswerable questions with th
 beside the other training articles, and *out-of-corpus* questions asked of an index that lacks their
 article. Every combination of thresholds is then scored from that one run without generating again
 (:func:`generation.finetune.evaluate.rescore` is the exact rule; the grid here is its vectorized form,
-and the chosen point is re-scored by it). The chosen point has the best SQuAD 2.0 F1 over all questions
-(out-of-corpus ones count as unanswerable) among those that abstain on at most ``max_abstain_answerable``
-percent of the answerable in-corpus questions, in retrieval mode and with the gold paragraph alike.
+and the chosen point is re-scored by it). The margin may grow with the gate score (``margin_slope``,
+generation.grounding.abstain_margin_for), so the generator's own abstention decides where retrieval is
+weak without costing answerable questions whose context matches closely. The chosen point has the best
+SQuAD 2.0 F1 over all questions (out-of-corpus ones count as unanswerable) among those that abstain on at
+most ``max_abstain_answerable`` percent of the answerable in-corpus questions, in retrieval mode and with
+the gold paragraph alike.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ GRID: dict[str, Sequence[Any]] = {
     "gate_weight": [round(0.1 * i, 1) for i in range(1, 10)],  # the blended gate: 0.1 .. 0.9 on relevance
     "gate_min": [round(0.25 + 0.0125 * i, 4) for i in range(25)],  # 0.25 .. 0.55
     "answerability_min": [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
-    "margin": [round(0.5 * i, 1) for i in range(13)] + [NEVER_ABSTAIN],  # 0 .. 6 logits, never
+    "margin": [-2.0, -1.0] + [round(0.5 * i, 1) for i in range(13)] + [NEVER_ABSTAIN],  # -2 .. 6 logits, never
+    "margin_slope": [0.0, 2.5, 5.0, 10.0, 20.0],  # with the blended gate: margin added per unit of gate score
     "support_min": [0.5, 0.75, 1.0],  # below half the answer's words, a chunk does not support it
     "evidence_min": [round(0.1 * i, 1) for i in range(9)],  # 0 .. 0.8
     "confidence_min": [None, -1.5, -1.0, -0.8, -0.6, -0.5, -0.4, -0.3],
@@ -85,6 +89,9 @@ def search(records: Sequence[dict[str, Any]], items: Sequence[Item], max_abstain
     weight = np.array([g.gate_weight or 0.0 for g in gates])[None, :, None]
     gate_min = np.array([g.gate_min for g in gates])[None, :, None]
     gate = np.zeros((n, len(gates), ans_grid.size), dtype=bool)
+    # excess[i, g]: the best chunk's blended score above gate_min (0 for the either-signal gates), what
+    # margin_slope multiplies (generation.grounding.abstain_margin_for)
+    excess = np.zeros((n, len(gates)))
     for i, s in enumerate(signals):
         if not s.relevance:
             continue
@@ -92,13 +99,14 @@ def search(records: Sequence[dict[str, Any]], items: Sequence[Item], max_abstain
         rel = np.array(s.relevance)[:, None, None]
         dense = np.array([-np.inf if d is None else d for d in s.dense])[:, None, None]  # unscored: no pass
         ans = np.array([1.0 if a is None else a for a in (s.answerability or [None] * k)])[:, None, None]
-        mixed = blend(weight, rel, np.where(np.isinf(dense), 0.0, dense)) >= gate_min
-        topical = np.where(blended, mixed, matches(rel >= rel_min, dense >= dense_min))
+        score = blend(weight, rel, np.where(np.isinf(dense), 0.0, dense))
+        topical = np.where(blended, score >= gate_min, matches(rel >= rel_min, dense >= dense_min))
         gate[i] = (topical & (ans >= ans_grid)).any(axis=0)
-    # speaks[i, m]: the model does not abstain at margin m
+        excess[i] = np.where(blended, np.maximum(score.max(axis=0) - gate_min, 0.0), 0.0)[0, :, 0]
+    # the model abstains when its first-token preference exceeds the margin (no preference: it speaks)
     pref = np.array([np.inf if s.abstain_preference is None else s.abstain_preference for s in signals])
-    speaks = ~(pref[:, None] > np.array(grid["margin"])[None, :])
-    speaks[pref == np.inf] = True
+    unmeasured = np.isinf(pref)[:, None]
+    slopes = grid.get("margin_slope", [0.0])
     # grounded[i, s, e, c]: the answer passes verification
     post = list(itertools.product(grid["support_min"], grid["evidence_min"], grid["confidence_min"]))
     grounded = np.zeros((n, len(post)), dtype=bool)
@@ -110,23 +118,24 @@ def search(records: Sequence[dict[str, Any]], items: Sequence[Item], max_abstain
     # in each mode (retrieval, gold paragraph) on its own
     modes = np.array([r.get("mode", "retrieval") for r in records])
     groups = [answerable & (modes == mode) for mode in sorted(set(modes))]
-    best: tuple[float, tuple[int, ...], int] | None = None
-    for m in range(len(grid["margin"])):
-        answered = gate[..., None] & speaks[:, m][:, None, None, None] & grounded[:, None, None, :]
+    best: tuple[float, tuple[int, ...], int, int] | None = None
+    for (k, slope), (m, margin) in itertools.product(enumerate(slopes), enumerate(grid["margin"])):
+        speaks = (pref[:, None] <= margin + slope * excess) | unmeasured  # (n, gates)
+        answered = gate[..., None] & speaks[:, :, None, None] & grounded[:, None, None, :]
         points = np.where(answerable[:, None, None, None], f1[:, None, None, None] * answered, ~answered).sum(0)
         worst = np.max([100 * (g[:, None, None, None] & ~answered).sum(0) / max(int(g.sum()), 1)
                         for g in groups if g.any()], axis=0)
         points = np.where(worst <= max_abstain_answerable, points, -1.0)
         at = np.unravel_index(int(points.argmax()), points.shape)
-        if best is None or points[at] > best[0] + 1e-9:
-            best = (float(points[at]), tuple(int(x) for x in at), m)
+        if best is None or points[at] > best[0] + 1e-9:  # ties keep the smaller slope, then the smaller margin
+            best = (float(points[at]), tuple(int(x) for x in at), m, k)
     assert best is not None
-    (g, a, p), m = best[1], best[2]
+    (g, a, p), m, k = best[1], best[2], best[3]
     if best[0] < 0:  # nothing stays under the cap: the most permissive point
-        g, a, m, p = 0, 0, len(grid["margin"]) - 1, 0
+        g, a, m, p, k = 0, 0, int(np.argmax(grid["margin"])), 0, 0
     sup, evi, conf = post[p]
     thresholds = replace(gates[g], answerability_min=ans_values[a], support_min=sup, evidence_min=evi,
-                         confidence_min=conf)
+                         confidence_min=conf, margin_slope=slopes[k] if gates[g].gate_weight is not None else 0.0)
     margin = grid["margin"][m]
     summary = pooled_summary(rescore(records, items, thresholds, margin))
     return {"thresholds": thresholds, "abstain_margin": margin, "summary": summary}
@@ -157,10 +166,11 @@ def sweeps(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds:
            grid: dict[str, Sequence[Any]] = GRID) -> dict[str, list[dict[str, Any]]]:
     """One-at-a-time sweeps around the chosen point: for each knob, the summary at every grid value."""
     curves: dict[str, list[dict[str, Any]]] = {}
-    gate_knobs = ("gate_weight", "gate_min") if thresholds.gate_weight is not None else ("relevance_min", "dense_min")
+    gate_knobs = ("gate_weight", "gate_min", "margin_slope") if thresholds.gate_weight is not None \
+        else ("relevance_min", "dense_min")
     for knob in (*gate_knobs, "answerability_min", "evidence_min", "confidence_min", "margin"):
         rows = []
-        for value in grid[knob]:
+        for value in grid.get(knob, []):
             if value is None or value == NEVER_ABSTAIN or (knob == "dense_min" and value > 1.0):
                 continue  # "off" settings: no place on the axis
             point = margin if knob != "margin" else value

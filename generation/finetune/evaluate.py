@@ -33,8 +33,8 @@ from typing import Any
 from tqdm import tqdm
 
 from generation.finetune.data import QA, Article, Paragraph, gold_chunk, load_articles
-from generation.grounding import (Signals, Thresholds, UnsupportedPolicy, has_relevant_context, strip_citations,
-                                  verdict)
+from generation.grounding import (Signals, Thresholds, UnsupportedPolicy, abstain_margin_for, has_relevant_context,
+                                  strip_citations, verdict)
 from generation.prompt import ABSTAIN_ANSWER, CITATION_RE, ContextChunk
 
 # --- the official SQuAD v1.1 metric ------------------------------------------------------------------
@@ -252,7 +252,8 @@ def rescore(records: Sequence[dict[str, Any]], items: Sequence[Item], thresholds
         signals = Signals(**record["signals"])
         if not has_relevant_context(signals, thresholds):
             signals = replace(signals, generated=None)
-        elif signals.abstain_preference is not None and signals.abstain_preference > margin:
+        elif (signals.abstain_preference is not None
+              and signals.abstain_preference > abstain_margin_for(margin, signals, thresholds)):
             signals = replace(signals, generated=ABSTAIN_ANSWER)
         decision = verdict(signals, thresholds, unsupported)
         fields = decision_record(decision, by_id[record["id"]].qa, record["context"], record["chunks"])

@@ -37,6 +37,8 @@ def test_environment_variables_and_comma_lists(monkeypatch, tmp_path):
         ("RAG_UNSUPPORTED", "ignore", "unsupported"),
         ("RAG_EVIDENCE_MIN", "1.5", "evidence_min"),
         ("RAG_CONFIDENCE_MIN", "0.5", "confidence_min"),
+        ("RAG_MARGIN_SLOPE", "-1", "margin_slope"),
+        ("RAG_ABSTAIN_MARGIN", "-20", "abstain_margin"),
     ],
 )
 def test_invalid_settings_name_the_setting(monkeypatch, env, value, mentions):
@@ -70,6 +72,8 @@ def test_grounding_settings_override_the_calibrated_thresholds(tmp_path):
     assert (calibrated.relevance_min, calibrated.evidence_min, calibrated.confidence_min) == (0.3, 0.2, -0.8)
     overridden = grounding_thresholds(Settings(_env_file=None, data_dir=tmp_path, evidence_min=0.6), metadata)
     assert overridden.evidence_min == 0.6 and overridden.relevance_min == 0.3
+    sloped = grounding_thresholds(Settings(_env_file=None, data_dir=tmp_path, margin_slope=5.0), metadata)
+    assert sloped.margin_slope == 5.0 and calibrated.margin_slope == 0.0  # absent from older metadata: no slope
     assert grounding_thresholds(Settings(_env_file=None, data_dir=tmp_path), {}).support_min == 0.5
 
 

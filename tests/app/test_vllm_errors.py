@@ -142,6 +142,32 @@ def test_abstention_margin_gives_the_best_other_token_as_in_process(fake, model_
     assert body["model"] == "fake" and eos in body["stop_token_ids"]
 
 
+def test_a_negative_margin_starts_the_abstention_as_in_process(fake, model_dir):
+    """Calibration may choose a margin below 0 (with margin_slope, where retrieval is weak): the abstention is
+    then started when greedy preferred another token by less than the margin's size."""
+    from generation.prompt import ABSTAIN_ANSWER
+
+    generator = generator_for(fake.url, model_dir)
+    tokenizer, eos = generator.tokenizer, generator.stops[0]
+    abstain = abstain_token_id(tokenizer)
+    rest = tokenizer.encode(ABSTAIN_ANSWER, add_special_tokens=False)[1:]
+    two, _ = tokenizer.encode("28", add_special_tokens=False)
+    packed = packed_prompt(tokenizer)
+
+    def script(body):
+        if body["prompt"] == packed.input_ids:  # "2" first, the abstention 0.5 logit behind
+            return [(two, -0.5, {two: -0.5, abstain: -1.0}), (eos, -0.1, {eos: -0.1})]
+        assert body["prompt"] == [*packed.input_ids, abstain]
+        return [*((t, -0.1, {t: -0.1}) for t in rest), (eos, -0.1, {eos: -0.1})]
+
+    fake.script = script
+    spoke = generator.generate(packed, max_new_tokens=16, abstain_margin=-0.25)  # -0.5 <= -0.25: answers
+    assert spoke.abstain_preference == pytest.approx(-0.5) and len(fake.completions) == 1
+    forced = generator.generate(packed, max_new_tokens=16, abstain_margin=-1.0)  # -0.5 > -1.0: abstains
+    assert forced.text == ABSTAIN_ANSWER and forced.token_logprobs[0] == pytest.approx(-1.0)
+    assert len(fake.completions) == 3 and forced.finish_reason == "stop"
+
+
 def test_preference_when_the_abstention_is_not_among_the_top_tokens():
     preference, best = abstain_preference(Token(5, -0.1, {5: -0.1, 6: -2.0}), abstain_id=9)
     assert best == 5 and preference == pytest.approx(-1.9)  # bounded above by the lowest top token

@@ -205,3 +205,84 @@ def test_evaluate_items_scores_what_the_serving_path_returns(tiny_model_dir):
     for key in ("citation_valid", "citation_precision", "unsupported_rate", "abstain_reasons"):
         assert key in summary
     assert set(by_id["h1"]["signals"]) >= {"relevance", "dense", "support", "evidence", "abstain_preference"}
+
+
+def slope_cases():
+    """Three questions no gate and no flat margin can sort (see the test below): (qa, chunk, generated,
+    first-token preference, in corpus)."""
+    from generation.prompt import ContextChunk
+
+    vacation = "Full-time employees get 28 vacation days per calendar year."
+    meals = "The daily meal allowance while travelling is 55 euros."
+    return [
+        # answerable, its context matches closely, yet the model leans to "I don't know." (preference 2)
+        (QA("a", "How many vacation days do employees get?", ("28 vacation days",)),
+         ContextChunk(vacation, dense_score=0.9), "28 vacation days [1]", 2.0, True),
+        # answerable, its context matches weakly; the model answers without doubt
+        (QA("b", "What is the per diem?", ("55 euros",)), ContextChunk(meals, dense_score=0.4), "55 euros [1]",
+         -3.0, True),
+        # out of corpus: a context between the two, a mild lean to "I don't know." (preference 1)
+        (QA("c", "What is the capital of France?", ("Paris",)), ContextChunk(meals, dense_score=0.6),
+         "55 euros [1]", 1.0, False),
+    ]
+
+
+def test_a_margin_that_grows_with_the_gate_score_sorts_what_a_flat_one_cannot():
+    """To keep b the gate must let c through; a flat margin that lets a answer lets c answer too. A margin
+    raised by margin_slope per unit of gate score above gate_min abstains on c alone, and the search finds
+    it (its vectorized rule agrees with rescore's exact one: the chosen point scores perfectly)."""
+    from dataclasses import asdict, replace
+
+    from generation.finetune.calibrate import GRID, search
+    from generation.finetune.evaluate import Item, decision_record, rescore
+    from generation.grounding import Signals, Thresholds, abstain_margin_for, measure, relevance_signals, verdict
+
+    records, items = [], []
+    for qa, chunk, generated, preference, inside in slope_cases():
+        signals = measure(qa.question, [chunk], generated, abstain_preference=preference,
+                          signals=relevance_signals(qa.question, [chunk]))
+        decision = verdict(signals, Thresholds(), "flag")
+        records.append({"id": qa.qid, "in_corpus": inside, "chunks": 1, "context": [chunk.text],
+                        "signals": asdict(signals), **decision_record(decision, qa, [chunk.text], 1)})
+        items.append(Item(None, None, qa))  # type: ignore[arg-type]
+    # gate_weight 0: the gate score is the cosine similarity itself
+    sloped = Thresholds(gate_weight=0.0, gate_min=0.4, margin_slope=10.0)
+    assert [abstain_margin_for(-2.0, Signals(**r["signals"]), sloped) for r in records] == \
+        pytest.approx([3.0, -2.0, 0.0])
+    assert abstain_margin_for(-2.0, Signals(**records[0]["signals"]), replace(sloped, gate_weight=None)) == -2.0
+    assert [r["abstained"] for r in rescore(records, items, sloped, -2.0)] == [False, False, True]
+    for margin in (0.5, 1.0, 2.0, 3.0):  # flat: a and c abstain together, or neither does
+        flat = [r["abstained"] for r in rescore(records, items, replace(sloped, margin_slope=0.0), margin)]
+        assert flat[0] or not flat[2]
+    grid = {**GRID, "relevance_min": [0.0], "dense_min": [2.0], "gate_weight": [0.0], "gate_min": [0.3, 0.4, 0.5],
+            "evidence_min": [0.0], "support_min": [0.5], "confidence_min": [None]}
+    best = search(records, items, max_abstain_answerable=0.0, grid=grid)
+    assert best["thresholds"].margin_slope > 0 and best["thresholds"].gate_weight == 0.0
+    summary = best["summary"]
+    assert summary["abstain_answerable"] == 0.0 and summary["f1"] == 100.0 and summary["abstain_out_of_corpus"] == 100.0
+    without = search(records, items, max_abstain_answerable=0.0, grid={**grid, "margin_slope": [0.0]})
+    assert without["summary"]["abstain_out_of_corpus"] == 0.0  # flat: c is answered to keep a and b
+
+
+def test_the_serving_path_raises_the_margin_with_the_gate_score(tiny_model_dir):
+    """grounded_generation hands the generator the margin abstain_margin_for gives its context."""
+    from generation.grounding import Thresholds
+    from generation.loading import load_generator
+    from generation.rag import grounded_generation
+
+    generator = load_generator(str(tiny_model_dir), context_window=512)
+    generator.abstain_margin = 1.0
+    seen: list[float | None] = []
+    generate = generator.generate
+
+    def recording(packed, **kwargs):
+        seen.append(kwargs.get("abstain_margin"))
+        return generate(packed, **kwargs)
+
+    generator.generate = recording  # type: ignore[method-assign]
+    qa, chunk, *_ = slope_cases()[0]
+    for slope in (0.0, 10.0):
+        grounded_generation(generator, qa.question, [chunk], max_new_tokens=2,
+                            thresholds=Thresholds(gate_weight=0.0, gate_min=0.4, margin_slope=slope))
+    assert seen[0] is None  # no slope: the generator's own margin
+    assert seen[1] == pytest.approx(1.0 + 10.0 * 0.5)
