@@ -15,8 +15,9 @@ Contexts, per paragraph of the training articles:
   ``"<answer> [ref of the gold chunk]"``.
 - ``gold``: the gold paragraph alone (the setting of gold-mode evaluation).
 - ``no_gold``: distractors only; answerable questions become ``"I don't know."`` (abstaining on noise).
-- ``off_topic``: the question's retrieved chunks from the *other* articles only, answerable questions
-  ``"I don't know."``: what an out-of-corpus question meets at serving (its article is not indexed).
+- ``off_topic``: the question's retrieved chunks from the *other* articles only (none holding one of the
+  row's answers), answerable questions ``"I don't know."``: what an out-of-corpus question meets at
+  serving (its article is not indexed).
 SQuAD 2.0 unanswerable questions about the paragraph target ``"I don't know."`` in every context.
 """
 
@@ -41,7 +42,7 @@ from ingestion.documents import Document
 
 log = logging.getLogger(__name__)
 
-DATA_FORMAT = 1  # bump when the way rows are built changes (part of the cache key)
+DATA_FORMAT = 2  # 2: off_topic chunks hold no answer. Bump when the way rows are built changes (part of the cache key)
 SHINGLE = 8  # words: a distractor sharing any 8-word run with the gold paragraph overlaps it
 
 
@@ -239,7 +240,7 @@ class RowBuilder:
             chunks = [gold]
         elif kind == "off_topic":
             own = self.document_ids.get(article.title, article.title)
-            chunks = [c for c in self.retrieve(questions[0].question, k + 30) if c.document_id != own][:k]
+            chunks = self._distractors(questions[0].question, paragraph, questions, k, other_than=own)[:k]
             if not chunks:
                 return None
         else:
@@ -253,14 +254,17 @@ class RowBuilder:
         examples = [self._example(q, chunks, kind) for q in questions]
         return share_prefix(examples, self.max_seq_length, kind)
 
-    def _distractors(self, query: str, paragraph: Paragraph, questions: Sequence[QA], k: int) -> list[ContextChunk]:
+    def _distractors(self, query: str, paragraph: Paragraph, questions: Sequence[QA], k: int,
+                     other_than: str | None = None) -> list[ContextChunk]:
+        """Retrieved chunks that hold none of the row's answers and are not part of the gold paragraph: no
+        shared shingle or, with ``other_than``, not of that document (the paragraph's own; looking deeper)."""
         shingles = _shingles(paragraph.context)
         answers = {a.lower() for q in questions for a in q.answers}
         kept = []
-        for chunk in self.retrieve(query, k + 10):
-            body = chunk.text.lower()
-            if shingles & _shingles(chunk.text) or any(a in body for a in answers):
-                continue  # part of the gold paragraph, or holds one of its answers
+        for chunk in self.retrieve(query, k + (10 if other_than is None else 30)):
+            own = chunk.document_id == other_than if other_than is not None else bool(shingles & _shingles(chunk.text))
+            if own or any(a in chunk.text.lower() for a in answers):
+                continue
             kept.append(chunk)
         return kept
 

@@ -104,6 +104,20 @@ def test_off_topic_rows_hold_other_articles_only_and_abstain(smol_tokenizer) -> 
     assert all(city in context for city, _ in FACTS[1:4])  # the next three articles the stub ranks
 
 
+def test_off_topic_rows_skip_other_articles_that_hold_the_answer(smol_tokenizer) -> None:
+    """An other article's chunk that happens to hold the answer would make "I don't know." a wrong label."""
+    articles = make_articles()
+    rome = articles[1].paragraphs[0]
+    articles[1] = Article(articles[1].title, [Paragraph(rome.context + " Trains run from Rome to Paris.", rome.qas)])
+    builder = RowBuilder(tokenizer=smol_tokenizer, retrieve=stub_retrieve(articles), context_window=1024,
+                         max_new_tokens=32, max_seq_length=2048, context_chunks=(3, 3), gold_only_fraction=0.0,
+                         no_gold_fraction=0.0, off_topic_fraction=1.0, questions_per_row=3, impossible_per_row=1)
+    row = builder.build(articles[0], articles[0].paragraphs[0], random.Random(3))
+    context = smol_tokenizer.decode(row.prefix)
+    assert "Paris" not in context and "Rome" not in context
+    assert all(city in context for city, _ in FACTS[2:5])
+
+
 def test_off_topic_fraction_is_validated_with_the_others(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("name: x\nbase_model: b\ngold_only_fraction: 0.5\nno_gold_fraction: 0.2\n"
