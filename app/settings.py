@@ -72,10 +72,11 @@ class Settings(BaseSettings):
     embedding_query_prefix: str = Field("", description='e5 models use "query: ".')
     embedding_passage_prefix: str = Field("", description='e5 models use "passage: ".')
     embedding_batch_size: int = Field(32, ge=1, le=4096)
-    embedding_backend: Literal["torch", "onnx", "onnx-int8", "openvino"] = Field(
-        "torch", description="Where the embedder runs: 'torch', 'onnx' (ONNX Runtime, fp32: torch's vectors), "
-        "'onnx-int8' (dynamic int8: other vectors, recorded as '<model>+onnx-int8', so an index built with another "
-        "backend needs a refresh) or 'openvino'. The exported model is cached under RAG_MODEL_CACHE_DIR.",
+    embedding_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino"] = Field(
+        "auto", description="Where the embedder runs: 'auto' ('openvino' when RAG_DEVICE is cpu, else 'torch'), "
+        "'torch', 'onnx' (ONNX Runtime, fp32: torch's vectors), 'onnx-int8' (dynamic int8: other vectors, recorded "
+        "as '<model>+onnx-int8', so an index built with another backend needs a refresh) or 'openvino' (torch's "
+        "vectors, about 3.8x the chunks/s here). The exported model is cached under RAG_MODEL_CACHE_DIR.",
     )
     device: str = Field("cpu", description="torch device for the embedder and generator: cpu, cuda, cuda:0 ...")
     chunk_max_tokens: int = Field(512, ge=16, le=8192)
@@ -323,6 +324,15 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_reranker_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @model_validator(mode="after")
+    def _resolve_embedding_backend(self) -> "Settings":
+        """'auto' becomes a concrete backend here, so everything downstream sees one: OpenVINO on the CPU (the
+        same vectors as torch, measured 3.7-3.9x faster: BENCHMARKS.md, encoding backends); torch on a GPU,
+        which the exported backends do not use."""
+        if self.embedding_backend == "auto":
+            self.embedding_backend = "openvino" if self.device.split(":")[0] == "cpu" else "torch"
+        return self
 
     @model_validator(mode="after")
     def _deprecated_reranker(self) -> "Settings":

@@ -9,9 +9,12 @@ with torch's vectors, retrieval quality, and query latency, in one run on the sa
   index builds affordable on 2 cores the corpus is every judged document plus random others (--docs in all).
 - Latency: hybrid search over the 100k-chunk bench index (bench/hybrid_latency.py; random vectors, so every
   backend searches the same index) with the query embedded by each backend, one query at a time. (1M chunks:
-  hybrid_latency.py's table; the query embedding costs the same there.)
+  hybrid_latency.py's table; the query embedding costs the same there.) `--latency-only --index-chunks 1000000`
+  measures only this, over the 1M-chunk index (built once, about 35 min of Chroma upserts on 2 cores), into its
+  own section.
 
     python bench/encoding_backends.py [--chunks 192] [--rounds 3] [--docs 1200] [--queries 200]
+    python bench/encoding_backends.py --latency-only --index-chunks 1000000
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ def quality(qrels: Path, docs: int) -> tuple[dict[str, dict], dict]:
                      "hybrid": first["hybrid"]}
 
 
-def latency(n_queries: int) -> tuple[dict[str, dict], int]:
-    """Per backend: query embedding alone, and hybrid search with it, over the 100k bench index."""
+def latency(n_queries: int, n_chunks: int = 100_000) -> tuple[dict[str, dict], int]:
+    """Per backend: query embedding alone, and hybrid search with it, over the `n_chunks` bench index."""
     from hybrid_latency import DIM, index_for, model_name
 
     from app.container import build_embedder
@@ -105,7 +108,7 @@ def latency(n_queries: int) -> tuple[dict[str, dict], int]:
     from retrieval.dense import DenseIndex, chroma_client
     from retrieval.hybrid import HybridRetriever
 
-    info = index_for(100_000)
+    info = index_for(n_chunks)
     bm25 = BM25Index.load(Path(info["bm25"]), mmap=True)
     dense = DenseIndex(chroma_client(path=Path(info["chroma"])), info["collection"], embedding_model=model_name(DIM),
                        dimension=DIM)
@@ -167,11 +170,15 @@ def tables(speed: dict, reports: dict, about: dict, lat: dict, n_index: int, chu
         lines.append(f"| {b} | {m['dense']['ndcg@10']:.4f} | {m['dense']['ndcg@10'] - ref['dense']['ndcg@10']:+.4f} "
                      f"| {m['hybrid']['ndcg@10']:.4f} | {m['hybrid']['ndcg@10'] - ref['hybrid']['ndcg@10']:+.4f} "
                      f"| {m['hybrid']['recall@100']:.4f} | {report['index']['build_s']} |")
-    lines += ["", f"Latency (ms, one query at a time, in blocks of {BLOCK} per backend in rotating order): hybrid "
-              f"top 10 over the {n_index:,}-"
-              "chunk bench index (random SciFact sentences, random vectors: the same index for every backend).", "",
-              "| backend | query embedding p50 / p95 | hybrid, vector given p50 / p95 | hybrid + query embedding "
-              "p50 / p95 |", "|---|---|---|---|"]
+    return "\n".join(lines + ["", latency_table(lat, n_index)])
+
+
+def latency_table(lat: dict, n_index: int) -> str:
+    lines = [f"Latency (ms, one query at a time, in blocks of {BLOCK} per backend in rotating order): hybrid "
+             f"top 10 over the {n_index:,}-"
+             "chunk bench index (random SciFact sentences, random vectors: the same index for every backend).", "",
+             "| backend | query embedding p50 / p95 | hybrid, vector given p50 / p95 | hybrid + query embedding "
+             "p50 / p95 |", "|---|---|---|---|"]
     for b, row in lat.items():
         pair = lambda key: f"{row[key][0]:.1f} / {row[key][1]:.1f}"  # noqa: E731
         lines.append(f"| {b} | {pair('embed')} | {pair('search')} | **{pair('both')}** |")
@@ -185,12 +192,23 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=1200)
     parser.add_argument("--qrels", type=Path, default=SCIFACT / "qrels" / "train.tsv")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--index-chunks", type=int, default=100_000, help="size of the latency bench index")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the latency table, into its own section (encoding-backends-latency-<N>)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    if args.latency_only:
+        lat, n_index = latency(args.queries, args.index_chunks)
+        body = (f"#### Encoding backends: query latency over {n_index:,} chunks\n\n"
+                + latency_table(lat, n_index))
+        print(body)
+        if not args.no_write:
+            update_section(f"encoding-backends-latency-{n_index}", body)
+        return
     chunks = real_chunks(5000)[::25][:args.chunks]  # spread over the corpus, not its first abstracts
     speed = throughput(chunks, args.rounds)
     reports, about = quality(args.qrels, args.docs)
-    lat, n_index = latency(args.queries)
+    lat, n_index = latency(args.queries, args.index_chunks)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps({"speed": speed, "about": about, "latency": lat,
                                                   "quality": {b: r["methods"] for b, r in reports.items()}}, indent=2))

@@ -16,6 +16,17 @@ def test_defaults_are_the_embedded_profile(tmp_path):
     assert settings.chunk_max_tokens == 512 and settings.chunk_overlap_tokens == 50
 
 
+@pytest.mark.parametrize("device, backend, resolved", [
+    ("cpu", None, "openvino"), ("cuda", None, "torch"), ("cuda:1", None, "torch"), ("cpu", "torch", "torch"),
+    ("cuda", "onnx-int8", "onnx-int8"),
+])
+def test_the_embedding_backend_defaults_to_openvino_on_the_cpu_only(device, backend, resolved):
+    """'auto' resolves once, in the settings: OpenVINO (torch's vectors, faster) where the embedder runs on the
+    CPU; torch on a GPU, which the exported backends would leave idle. A backend that is set stays."""
+    chosen = {} if backend is None else {"embedding_backend": backend}
+    assert Settings(_env_file=None, device=device, **chosen).embedding_backend == resolved
+
+
 def test_environment_variables_and_comma_lists(monkeypatch, tmp_path):
     monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("RAG_API_KEYS", "a" * 20 + ", " + "b" * 20)

@@ -98,7 +98,7 @@ def test_bad_backend_is_a_settings_error(monkeypatch):
     monkeypatch.setenv("RAG_EMBEDDING_BACKEND", "tensorrt")
     result = CliRunner().invoke(cli, ["keys", "list"])
     assert result.exit_code == 2
-    assert "invalid setting RAG_EMBEDDING_BACKEND: Input should be 'torch', 'onnx', 'onnx-int8' or 'openvino'" \
+    assert "invalid setting RAG_EMBEDDING_BACKEND: Input should be 'auto', 'torch', 'onnx', 'onnx-int8' or 'openvino'" \
         in result.output
     with pytest.raises(ValueError, match="unknown embedding backend 'tensorrt'"):
         Embedder(MODEL, backend="tensorrt")
