@@ -44,7 +44,9 @@ class TrainConfig:
     feedforward_modules: list[str] | None = None  # ia3 only, and required there
     # --- prompt and prefix tuning -------------------------------------------------------------------
     num_virtual_tokens: int | None = None  # prompt_tuning, prefix_tuning only, and required there
-    prompt_init_text: str | None = None  # prompt_tuning: start the virtual tokens from this text (None: random)
+    # prompt_tuning: start the virtual tokens from this text's embeddings; prefix_tuning (without projection): from
+    # its key/value activations in every layer (Li & Liang 2021, 7.2). None: a random start.
+    prompt_init_text: str | None = None
     prefix_projection: bool = False  # prefix_tuning: reparametrize the prefix through a 2-layer MLP
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = 2e-4
@@ -150,8 +152,10 @@ class TrainConfig:
                                  f"got {self.num_virtual_tokens!r}")
         elif self.num_virtual_tokens is not None:
             raise ValueError(f"num_virtual_tokens: applies to prompt_tuning and prefix_tuning only, not {method}")
-        if self.prompt_init_text is not None and method != "prompt_tuning":
-            raise ValueError(f"prompt_init_text: applies to prompt_tuning only, not {method}")
+        if self.prompt_init_text is not None and not spec.virtual_tokens:
+            raise ValueError(f"prompt_init_text: applies to prompt_tuning and prefix_tuning only, not {method}")
+        if self.prompt_init_text is not None and self.prefix_projection and method == "prefix_tuning":
+            raise ValueError("prompt_init_text: not with prefix_projection (the projection's input is not a key/value)")
         if self.prompt_init_text is not None and not self.prompt_init_text.strip():
             raise ValueError("prompt_init_text: empty; leave it unset for a random start")
         if self.prefix_projection and method != "prefix_tuning":

@@ -317,9 +317,32 @@ def load_trainable(config: TrainConfig, model_path: str, device: str) -> tuple[A
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]  # unannotated in peft
             model, use_gradient_checkpointing=config.gradient_checkpointing)
     model = get_peft_model(model, peft_config(config, model, model_path))
+    if config.method == "prefix_tuning" and config.prompt_init_text:
+        init_prefix_from_text(model, loaded.tokenizer, config.prompt_init_text)
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, loaded
+
+
+def init_prefix_from_text(model: Any, tokenizer: Any, text: str) -> None:
+    """Start a prefix-tuning prefix (no projection) from the base model's own keys and values of ``text``'s first
+    tokens (repeated to fill the prefix), instead of peft's N(0, 1) draws, which sit far from any real
+    activation. The adapted model then starts as the base model reading ``text`` before every prompt.
+
+    peft's prefix is one row per virtual token, laid out as [layer][key, value][kv head][head dim] (see
+    PeftModel.get_prompt); the cache's keys and values are (batch 1, kv heads, tokens, head dim)."""
+    import torch
+
+    n = model.active_peft_config.num_virtual_tokens
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = (ids * (n // len(ids) + 1))[:n]
+    with torch.no_grad(), model.disable_adapter():
+        cache = model.get_base_model()(input_ids=torch.tensor([ids], device=model.device), use_cache=True)\
+            .past_key_values
+        rows = [tensor[0].permute(1, 0, 2).reshape(n, -1)  # (tokens, kv heads x head dim)
+                for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        weight = model.prompt_encoder[model.active_adapter].embedding.weight
+        weight.copy_(torch.cat(rows, dim=1).to(weight.dtype))
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

@@ -242,7 +242,8 @@ def test_dora_trains_on_a_quantized_base(smol_tokenizer, tiny_model_dir, tmp_pat
     ("ia3", {"quantization": "4bit"}, "quantization: ia3 trains on an unquantized base, not '4bit'$"),
     ("lora", {"quantization": "4bit"}, "quantization: lora trains on an unquantized base.*use method qlora"),
     ("qlora", {"quantization": "8bit"}, "quantization: qlora trains on a 4-bit base, not '8bit' .use method lora-8bit"),
-    ("prefix_tuning", {"prompt_init_text": "Answer"}, "prompt_init_text: applies to prompt_tuning only"),
+    ("lora", {"prompt_init_text": "Answer"}, "prompt_init_text: applies to prompt_tuning and prefix_tuning only"),
+    ("prefix_tuning", {"prompt_init_text": "Answer", "prefix_projection": True}, "not with prefix_projection"),
     ("prompt_tuning", {"prompt_init_text": " "}, "prompt_init_text: empty"),
     ("prompt_tuning", {"prefix_projection": True}, "prefix_projection: applies to prefix_tuning only"),
     ("prompt_tuning", {"lora_layers": 2}, "lora_layers: applies to lora and dora only"),
@@ -281,3 +282,24 @@ def test_committed_training_configs_load_with_their_methods() -> None:
         # the same data, window and budget as the shipped LoRA config: the methods compare on equal footing
         for field in ("train_files", "train_rows", "validation_rows", "context_window", "seed", "time_budget_minutes"):
             assert getattr(config, field) == getattr(shipped, field), (method, field)
+
+
+@pytest.mark.parametrize("init_text", ["Answer from the passages.", None])
+def test_a_prefix_started_from_text_reads_as_that_text(tiny_model_dir, init_text) -> None:
+    """prefix_tuning with prompt_init_text starts as the base model reading that text (repeated to fill the
+    prefix) before every prompt: its keys and values, at their positions, so the first logits are the base's
+    over text + prompt. peft's random start (None) is not."""
+    from generation.finetune.train import load_trainable
+
+    config = method_config("prefix_tuning", base_model=str(tiny_model_dir), prompt_init_text=init_text)
+    model, loaded = load_trainable(config, str(tiny_model_dir), "cpu")
+    n = config.virtual_tokens
+    text_ids = loaded.tokenizer("Answer from the passages.", add_special_tokens=False).input_ids
+    prefix = (text_ids * (n // len(text_ids) + 1))[:n]
+    prompt = loaded.tokenizer("When did the harbor of Lumen open?", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        adapted = model(input_ids=torch.tensor([prompt])).logits[0]
+        with model.disable_adapter():
+            base = model(input_ids=torch.tensor([prefix + prompt])).logits[0, n:]
+    assert adapted.shape == base.shape
+    assert torch.allclose(adapted, base, atol=1e-4) == (init_text is not None)
